@@ -1,0 +1,99 @@
+"""Which array module runs the math: NumPy on the CPU, CuPy on a GPU.
+
+This is the only file in minilora that imports CuPy. Everything else follows one rule:
+
+    xp = get_array_module(x)     # numpy or cupy, taken from the array itself
+
+so a single code path serves both backends. Parameters are always created on the CPU
+with NumPy's seeded ``Generator`` and then moved with :func:`to_device`, which is why the
+same seed gives the same model on both backends.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # CuPy is the optional ``gpu`` extra; without it, everything runs on NumPy.
+    import cupy as _cupy
+    import cupyx as _cupyx
+except Exception:  # ImportError, or a CuPy build that finds no CUDA driver
+    _cupy = None
+    _cupyx = None
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "float64")
+
+
+def cuda_available() -> bool:
+    """True when CuPy is installed and can see at least one CUDA device."""
+    if _cupy is None:
+        return False
+    try:
+        return _cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def get_array_module(*arrays):
+    """Return ``cupy`` if any of ``arrays`` lives on the GPU, else ``numpy``."""
+    if _cupy is not None:
+        return _cupy.get_array_module(*arrays)
+    return np
+
+
+def device_of(x) -> str:
+    """'cuda' for a CuPy array, 'cpu' for anything else."""
+    return "cuda" if get_array_module(x) is not np else "cpu"
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
+    if device == "cuda" and not cuda_available():
+        raise ValueError("device 'cuda' needs CuPy and a CUDA GPU (pip install 'minilora[gpu]'); "
+                         "none was found")
+    return device
+
+
+def to_device(x, device: str):
+    """Move an array to 'cpu' (a NumPy array) or 'cuda' (a CuPy array)."""
+    check_device(device)
+    if device == "cpu":
+        return _cupy.asnumpy(x) if (_cupy is not None and isinstance(x, _cupy.ndarray)) else np.asarray(x)
+    return _cupy.asarray(x)
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy copy (or view) of ``x`` wherever it lives: for printing, saving and tests."""
+    return to_device(x, "cpu")
+
+
+def resolve_dtype(dtype) -> np.dtype:
+    """Accept 'float32' / 'float64' (or the NumPy dtypes) and return a NumPy dtype."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {DTYPES}")
+    return np.dtype(name)
+
+
+def default_rng(seed, device: str = "cpu"):
+    """A seeded random generator that draws on ``device`` (used for dropout masks).
+
+    Parameters are never drawn from this: they come from NumPy's generator on the CPU
+    and are moved, so both backends start from the same weights. Dropout masks are drawn
+    where the activations live, so the two backends draw different (equally valid) masks.
+    """
+    check_device(device)
+    if device == "cpu":
+        return np.random.default_rng(seed)
+    return _cupy.random.default_rng(seed)
+
+
+def scatter_add(target, indices, values) -> None:
+    """``target[indices] += values``, adding repeated indices up (unbuffered), in place.
+
+    NumPy spells this ``np.add.at``; CuPy spells it ``cupyx.scatter_add``.
+    """
+    if get_array_module(target) is np:
+        np.add.at(target, indices, values)
+    else:
+        _cupyx.scatter_add(target, indices, values)

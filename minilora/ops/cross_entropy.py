@@ -1,0 +1,65 @@
+"""Softmax cross-entropy over the vocabulary, averaged over the targets that count.
+
+Shapes: logits (..., V), e.g. (B, T, V); targets integer (...), e.g. (B, T).
+A target equal to ``ignore_index`` (default -100, as in PyTorch) adds nothing to the
+loss or the gradient and is not counted in the mean: that is how prompt tokens are
+masked out of an instruction-tuning loss.
+"""
+from typing import NamedTuple
+
+from ..backend import get_array_module
+
+
+class CrossEntropyCache(NamedTuple):
+    probs: object     # (N, V) softmax of the logits
+    targets: object   # (N,) target ids, ignored ones replaced by 0
+    keep: object      # (N,) 1.0 where the target counts, 0.0 where it is ignored
+    count: int        # how many targets count
+    shape: tuple      # the logits' original shape (..., V)
+
+
+def cross_entropy_forward(logits, targets, ignore_index: int = -100):
+    """loss = mean over counted targets t of  -log softmax(logits)[t]
+            = mean of  logsumexp(logits) - logits[t]
+
+    Returns: loss (a Python float), cache.
+    """
+    xp = get_array_module(logits)
+    V = logits.shape[-1]
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets of shape {targets.shape} do not match logits "
+                         f"of shape {logits.shape} (expected {logits.shape[:-1]})")
+    if not xp.issubdtype(targets.dtype, xp.integer):
+        raise ValueError(f"cross_entropy: targets must be integers, got dtype {targets.dtype}")
+    z = logits.reshape(-1, V)                                   # (N, V)
+    t = targets.reshape(-1)                                     # (N,)
+    keep = t != ignore_index                                    # (N,)
+    count = int(keep.sum())
+    if count == 0:
+        raise ValueError("cross_entropy: every target equals ignore_index; there is nothing to average")
+    bad = keep & ((t < 0) | (t >= V))
+    if bool(bad.any()):
+        raise ValueError(f"cross_entropy: target ids must lie in [0, {V}) or equal ignore_index "
+                         f"({ignore_index}); got {int(t[bad][0])}")
+    t = xp.where(keep, t, 0)
+    shifted = z - z.max(axis=-1, keepdims=True)                 # stable: the max exponent is 0
+    exp = xp.exp(shifted)
+    sumexp = exp.sum(axis=-1, keepdims=True)                    # (N, 1)
+    log_probs_t = shifted[xp.arange(z.shape[0]), t] - xp.log(sumexp[:, 0])  # (N,)
+    keep_f = keep.astype(z.dtype)
+    loss = -float((log_probs_t * keep_f).sum()) / count
+    return loss, CrossEntropyCache(exp / sumexp, t, keep_f, count, logits.shape)
+
+
+def cross_entropy_backward(dloss, cache: CrossEntropyCache):
+    """d(-log p_t)/dz = p - onehot(t), for each counted row, divided by the count (the
+    mean), times the upstream dloss (1.0 when the loss is the final objective).
+
+    Returns: dlogits with the logits' shape (..., V).
+    """
+    xp = get_array_module(cache.probs)
+    probs, t, keep, count, shape = cache
+    dz = probs.copy()                                           # (N, V)
+    dz[xp.arange(dz.shape[0]), t] -= 1.0
+    dz *= (keep * (dloss / count))[:, None]                     # ignored rows get zero
+    return dz.reshape(shape)

@@ -1,0 +1,45 @@
+"""Linear layer: ``y = x @ W + b``, with ``W`` stored (I, O) = (in_features, out_features).
+
+Shapes: x (..., I) -- any leading axes, typically (B, T, I) -- W (I, O), b (O,), y (..., O).
+"""
+from typing import NamedTuple, Optional
+
+
+class LinearCache(NamedTuple):
+    x: object  # (..., I) the input, needed for dW = x^T dy
+    W: object  # (I, O)   the weight, needed for dx = dy W^T
+    has_bias: bool
+
+
+def linear_forward(x, W, b=None):
+    """y = x @ W + b.
+
+    Args: x (..., I); W (I, O); b (O,) or None.
+    Returns: y (..., O), cache.
+    """
+    if x.shape[-1] != W.shape[0]:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {W.shape[0]}")
+    y = x @ W  # (..., I) @ (I, O) -> (..., O)
+    if b is not None:
+        y += b
+    return y, LinearCache(x, W, b is not None)
+
+
+def linear_backward(dy, cache: LinearCache, need_dW: bool = True, need_db: bool = True):
+    """Differentiate y = x @ W + b.
+
+        dx = dy @ W^T              (..., O) @ (O, I) -> (..., I)
+        dW = sum over rows of x^T dy: x2d^T @ dy2d   (I, N) @ (N, O) -> (I, O)
+        db = sum over rows of dy                      (O,)
+
+    A frozen weight (``need_dW=False``) skips its matmul entirely: that is the compute a
+    LoRA fine-tune saves on every frozen layer.
+
+    Returns: dx, dW (or None), db (or None; None also when there is no bias).
+    """
+    x, W, has_bias = cache
+    I, O = W.shape
+    dx = dy @ W.T  # (..., O) @ (O, I) -> (..., I)
+    dW = x.reshape(-1, I).T @ dy.reshape(-1, O) if need_dW else None  # (I, N) @ (N, O)
+    db = dy.reshape(-1, O).sum(axis=0) if (has_bias and need_db) else None  # (O,)
+    return dx, dW, db
