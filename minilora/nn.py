@@ -56,7 +56,7 @@ class Parameter:
     """A trainable array: ``data``, its gradient ``grad`` (None until a backward writes
     one), and ``requires_grad``, which decides whether backward computes ``grad`` at all.
 
-    ``decay`` says whether AdamW applies weight decay to it by default: True for the
+    ``decay`` says whether optimizers apply weight decay to it by default: True for the
     weights of linear maps, False for biases, LayerNorm weights and embedding tables
     (decaying a LayerNorm gain towards zero, or rare tokens' embeddings, only hurts).
     """

@@ -1,0 +1,48 @@
+"""Shared test set-up: the backend option and the hypothesis profiles.
+
+    python -m pytest                         # NumPy, fast hypothesis profile (CI)
+    python -m pytest --backend cupy          # the same suite on a CUDA GPU
+    HYPOTHESIS_PROFILE=thorough python -m pytest   # many more examples per property
+"""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+from minilora import backend
+
+settings.register_profile("fast", max_examples=12, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--backend", action="store", default="numpy", choices=("numpy", "cupy"),
+                     help="array backend the tests run on (cupy needs a CUDA GPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--backend") == "cupy" and not backend.cuda_available():
+        skip = pytest.mark.skip(reason="--backend cupy needs CuPy and a CUDA device; none found")
+        for item in items:
+            item.add_marker(skip)
+    if not backend.cuda_available():
+        skip_gpu = pytest.mark.skip(reason="needs CuPy and a CUDA device; none found")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> str:
+    """'cpu' or 'cuda', from --backend."""
+    return "cuda" if pytestconfig.getoption("--backend") == "cupy" else "cpu"
+
+
+@pytest.fixture(scope="session")
+def xp(device):
+    """The array module under test (numpy, or cupy with --backend cupy)."""
+    return backend.get_array_module(backend.to_device(np.zeros(1), device))
