@@ -9,11 +9,20 @@
 from .backend import cuda_available, to_numpy
 from .gpt import GPT, GPTConfig, KVCache, cross_entropy
 from .nn import Module, Parameter, no_grad
+from .optim import SGD, AdamW, clip_grad_norm, warmup_cosine_lr
+from .lora import (LoraConfig, LoRALinear, active_adapters, add_lora, add_weighted_adapter,
+                   adapter_names, delete_adapter, disable_adapters, is_lora_model, lora_summary,
+                   merge_and_unload, merge_lora, set_adapter, unload, unmerge_lora)
+from .adapters import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GPT", "GPTConfig", "KVCache", "cross_entropy",
     "Module", "Parameter", "no_grad",
+    "SGD", "AdamW", "clip_grad_norm", "warmup_cosine_lr",
+    "LoraConfig", "LoRALinear", "add_lora", "merge_lora", "unmerge_lora", "merge_and_unload", "unload",
+    "set_adapter", "active_adapters", "adapter_names", "disable_adapters", "delete_adapter",
+    "add_weighted_adapter", "is_lora_model", "lora_summary", "save_adapter", "load_adapter",
     "cuda_available", "to_numpy",
 ]
