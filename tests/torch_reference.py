@@ -10,6 +10,10 @@ we are willing to trust).
                   -> n_layer x Block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
                   -> ln_f -> logits = x @ wte^T                                (B, T, V)
 
+LoRA. Given ``lora={layer name: (A, B, scaling)}``, each named linear layer also adds
+``scaling * (x A^T) B^T`` (no dropout), written from the paper's formula; the LoRA tests
+(tests/test_torch_oracle_lora.py) compare minilora's LoRALinear and LoRA-adapted GPT with it.
+
 Key: B batch, T time, C n_embd, H n_head, D = C // H head size, V vocab_size.
 
 Weight layout. minilora stores a linear weight (in, out) and computes ``x @ W + b``.
@@ -21,13 +25,20 @@ as a mismatch rather than cancelling out. The conversion lives in one place:
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Mapping, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 LINEAR_NAMES = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+
+# LoRA paths for the reference: a linear layer's dotted name ("blocks.0.attn.q_proj") ->
+# one (A, B, scaling) triple, or a list of them (several adapters, summed). A is (R, in)
+# and B is (out, R), PyTorch's and PEFT's layout (the same as minilora's, so LoRA factors
+# are never transposed on the way in or out).
+LoraTriple = Tuple[torch.Tensor, torch.Tensor, float]
+LoraPaths = Mapping[str, Union[LoraTriple, Sequence[LoraTriple]]]
 
 
 def is_linear_weight(name: str) -> bool:
@@ -65,6 +76,53 @@ def grads_in_minilora_layout(params: Mapping[str, torch.Tensor]) -> Dict[str, np
 # The layers, each one line of math
 # --------------------------------------------------------------------------------------
 
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                adapters: Sequence[LoraTriple] = ()) -> torch.Tensor:
+    """A linear layer with low-rank updates beside it (Hu et al., 2021), no dropout:
+
+        y = x W^T + b + sum_k s_k (x A_k^T) B_k^T      W (out, in), A_k (R_k, in), B_k (out, R_k)
+
+    With no adapters this is exactly ``F.linear(x, weight, bias)``.
+    """
+    y = F.linear(x, weight, bias)
+    for A, B, scaling in adapters:
+        y = y + scaling * F.linear(F.linear(x, A), B)   # (..., in) -> (..., R) -> (..., out)
+    return y
+
+
+def _adapters_of(lora: Optional[LoraPaths], name: str) -> Sequence[LoraTriple]:
+    """The (A, B, scaling) triples for layer ``name`` (none when it is not adapted)."""
+    if not lora or name not in lora:
+        return ()
+    entry = lora[name]
+    if len(entry) == 3 and isinstance(entry[0], torch.Tensor):
+        return (entry,)  # one triple
+    return tuple(entry)
+
+
+def _linear(x: torch.Tensor, p: Mapping[str, torch.Tensor], name: str,
+            lora: Optional[LoraPaths]) -> torch.Tensor:
+    return lora_linear(x, p[f"{name}.weight"], p[f"{name}.bias"], _adapters_of(lora, name))
+
+
+def lora_paths(params: Mapping[str, torch.Tensor], scalings: Mapping[str, float],
+               adapter: str = "default") -> Dict[str, LoraTriple]:
+    """Gather ``{layer: (A, B, scaling)}`` from tensors named as minilora names them,
+    ``<layer>.lora_A.<adapter>`` (R, in) and ``<layer>.lora_B.<adapter>`` (out, R);
+    ``scalings`` gives each adapted layer's scaling (and so which layers are adapted)."""
+    return {layer: (params[f"{layer}.lora_A.{adapter}"], params[f"{layer}.lora_B.{adapter}"], float(s))
+            for layer, s in scalings.items()}
+
+
+def _check_lora_names(lora: Optional[LoraPaths], n_layer: int) -> None:
+    """A misspelt layer name must be an error, not an adapter the reference ignores."""
+    if not lora:
+        return
+    known = {f"blocks.{i}.{lin}" for i in range(n_layer) for lin in LINEAR_NAMES}
+    unknown = sorted(set(lora) - known)
+    if unknown:
+        raise ValueError(f"lora names no linear layer of the model: {unknown}")
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) * weight + bias over the last axis; the *biased*
     variance (divide by C, not C - 1), as GPT-2 uses."""
@@ -79,11 +137,13 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def causal_self_attention(x: torch.Tensor, p: Mapping[str, torch.Tensor], prefix: str,
-                          n_head: int) -> torch.Tensor:
+                          n_head: int, lora: Optional[LoraPaths] = None) -> torch.Tensor:
     """Multi-head attention where position t sees positions 0..t.   x (B, T, C) -> (B, T, C).
 
         y_h = softmax(q_h k_h^T / sqrt(D) + mask) v_h      for each head h
         out = concat_h(y_h) W_o^T + b_o
+
+    ``lora`` (optional) adds low-rank paths to any of the four projections, by full name.
     """
     B, T, C = x.shape
     D = C // n_head
@@ -91,21 +151,22 @@ def causal_self_attention(x: torch.Tensor, p: Mapping[str, torch.Tensor], prefix
     def heads(t):  # (B, T, C) -> (B, H, T, D)
         return t.view(B, T, n_head, D).transpose(1, 2)
 
-    q = heads(F.linear(x, p[f"{prefix}.q_proj.weight"], p[f"{prefix}.q_proj.bias"]))
-    k = heads(F.linear(x, p[f"{prefix}.k_proj.weight"], p[f"{prefix}.k_proj.bias"]))
-    v = heads(F.linear(x, p[f"{prefix}.v_proj.weight"], p[f"{prefix}.v_proj.bias"]))
+    q = heads(_linear(x, p, f"{prefix}.q_proj", lora))
+    k = heads(_linear(x, p, f"{prefix}.k_proj", lora))
+    v = heads(_linear(x, p, f"{prefix}.v_proj", lora))
     scores = q @ k.transpose(-2, -1) / math.sqrt(D)                  # (B, H, T, T)
     may_see = torch.ones(T, T, dtype=torch.bool).tril()              # key j <= query t
     scores = scores.masked_fill(~may_see, float("-inf"))
     probs = torch.softmax(scores, dim=-1)                            # (B, H, T, T)
     y = (probs @ v).transpose(1, 2).reshape(B, T, C)                 # (B, H, T, D) -> (B, T, C)
-    return F.linear(y, p[f"{prefix}.o_proj.weight"], p[f"{prefix}.o_proj.bias"])
+    return _linear(y, p, f"{prefix}.o_proj", lora)
 
 
-def mlp(x: torch.Tensor, p: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor:
+def mlp(x: torch.Tensor, p: Mapping[str, torch.Tensor], prefix: str,
+        lora: Optional[LoraPaths] = None) -> torch.Tensor:
     """down_proj(gelu_tanh(up_proj(x))):  (B, T, C) -> (B, T, 4C) -> (B, T, C)."""
-    h = gelu_tanh(F.linear(x, p[f"{prefix}.up_proj.weight"], p[f"{prefix}.up_proj.bias"]))
-    return F.linear(h, p[f"{prefix}.down_proj.weight"], p[f"{prefix}.down_proj.bias"])
+    h = gelu_tanh(_linear(x, p, f"{prefix}.up_proj", lora))
+    return _linear(h, p, f"{prefix}.down_proj", lora)
 
 
 # --------------------------------------------------------------------------------------
@@ -113,12 +174,14 @@ def mlp(x: torch.Tensor, p: Mapping[str, torch.Tensor], prefix: str) -> torch.Te
 # --------------------------------------------------------------------------------------
 
 def gpt_forward(p: Mapping[str, torch.Tensor], idx, *, n_layer: int, n_head: int,
-                eps: float = 1e-5) -> torch.Tensor:
+                eps: float = 1e-5, lora: Optional[LoraPaths] = None) -> torch.Tensor:
     """Token ids idx (B, T) -> logits (B, T, V); no dropout (the eval-mode model).
 
     ``p`` maps minilora's parameter names to tensors in PyTorch layout (see
-    :func:`to_torch_params`).
+    :func:`to_torch_params`). ``lora`` (optional) maps linear layers' dotted names to
+    low-rank paths added beside them (see :func:`lora_linear`, :func:`lora_paths`).
     """
+    _check_lora_names(lora, n_layer)
     idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
     B, T = idx.shape
     wte, wpe = p["token_embedding.weight"], p["position_embedding.weight"]  # (V, C), (block, C)
@@ -126,16 +189,17 @@ def gpt_forward(p: Mapping[str, torch.Tensor], idx, *, n_layer: int, n_head: int
     for i in range(n_layer):
         b = f"blocks.{i}"
         x = x + causal_self_attention(layer_norm(x, p[f"{b}.ln_1.weight"], p[f"{b}.ln_1.bias"], eps),
-                                      p, f"{b}.attn", n_head)
-        x = x + mlp(layer_norm(x, p[f"{b}.ln_2.weight"], p[f"{b}.ln_2.bias"], eps), p, f"{b}.mlp")
+                                      p, f"{b}.attn", n_head, lora)
+        x = x + mlp(layer_norm(x, p[f"{b}.ln_2.weight"], p[f"{b}.ln_2.bias"], eps), p, f"{b}.mlp", lora)
     x = layer_norm(x, p["ln_f.weight"], p["ln_f.bias"], eps)                # (B, T, C)
     return x @ wte.T                                                        # tied head: (B, T, V)
 
 
 def gpt_loss(p: Mapping[str, torch.Tensor], idx, targets, *, n_layer: int, n_head: int,
-             eps: float = 1e-5, ignore_index: int = -100) -> Tuple[torch.Tensor, torch.Tensor]:
+             eps: float = 1e-5, ignore_index: int = -100,
+             lora: Optional[LoraPaths] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(loss, logits): mean cross-entropy over the targets not equal to ``ignore_index``."""
-    logits = gpt_forward(p, idx, n_layer=n_layer, n_head=n_head, eps=eps)  # (B, T, V)
+    logits = gpt_forward(p, idx, n_layer=n_layer, n_head=n_head, eps=eps, lora=lora)  # (B, T, V)
     targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=ignore_index)
