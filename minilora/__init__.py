@@ -14,6 +14,8 @@ from .lora import (LoraConfig, LoRALinear, active_adapters, add_lora, add_weight
                    adapter_names, delete_adapter, disable_adapters, is_lora_model, lora_summary,
                    merge_and_unload, merge_lora, set_adapter, unload, unmerge_lora)
 from .adapters import load_adapter, save_adapter
+from .io import load_model, save_model
+from .train import TrainConfig, TrainingDiverged, evaluate, train
 
 __version__ = "0.1.0"
 
@@ -24,5 +26,6 @@ __all__ = [
     "LoraConfig", "LoRALinear", "add_lora", "merge_lora", "unmerge_lora", "merge_and_unload", "unload",
     "set_adapter", "active_adapters", "adapter_names", "disable_adapters", "delete_adapter",
     "add_weighted_adapter", "is_lora_model", "lora_summary", "save_adapter", "load_adapter",
+    "save_model", "load_model", "TrainConfig", "TrainingDiverged", "train", "evaluate",
     "cuda_available", "to_numpy",
 ]
