@@ -29,7 +29,7 @@ def lowrank_forward(x, A, B, scaling: float):
         raise ValueError(f"lowrank: x {x.shape}, A {A.shape} and B {B.shape} do not fit "
                          "(expected x (..., I), A (R, I), B (O, R))")
     h = x @ A.T                      # (..., I) @ (I, R) -> (..., R)
-    delta = (h @ B.T) * scaling      # (..., R) @ (R, O) -> (..., O)
+    delta = h @ (scaling * B).T      # (..., R) @ (R, O) -> (..., O); scale the small matrix
     return delta, LowRankCache(x, h, A, B, scaling)
 
 
@@ -48,7 +48,7 @@ def lowrank_backward(ddelta, cache: LowRankCache, need_dx: bool = True):
     x, h, A, B, s = cache
     R, I = A.shape
     O = B.shape[0]
-    dh = (ddelta @ B) * s                                         # (..., R)
+    dh = ddelta @ (s * B)                                         # (..., R)
     dB = (ddelta.reshape(-1, O).T @ h.reshape(-1, R)) * s         # (O, R)
     dA = dh.reshape(-1, R).T @ x.reshape(-1, I)                   # (R, I)
     dx = dh @ A if need_dx else None                              # (..., I)
