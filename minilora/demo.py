@@ -43,8 +43,8 @@ class DemoConfig:
     batch_size: int = 16
     base_steps: int = 400
     base_lr: float = 3e-3
-    finetune_steps: int = 200
-    finetune_lr: float = 3e-3
+    finetune_steps: int = 300
+    finetune_lr: float = 1e-2     # LoRA takes a larger rate than full training
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
