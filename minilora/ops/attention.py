@@ -59,7 +59,8 @@ def attention_forward(q, k, v, n_head: int, dropout_p: float = 0.0, rng=None):
         raise ValueError(f"attention: incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}")
     scale = 1.0 / math.sqrt(C // n_head)
     qh, kh, vh = split_heads(q, n_head), split_heads(k, n_head), split_heads(v, n_head)  # (B, H, T, D)
-    scores = (qh @ kh.transpose(0, 1, 3, 2)) * scale     # (B, H, Tq, D) @ (B, H, D, Tk) -> (B, H, Tq, Tk)
+    scores = qh @ kh.transpose(0, 1, 3, 2)              # (B, H, Tq, D) @ (B, H, D, Tk) -> (B, H, Tq, Tk)
+    scores *= scale
     scores += causal_mask_bias(Tq, Tk, xp, scores.dtype)  # future keys get -inf: weight exp(-inf) = 0
     probs, softmax_cache = softmax_forward(scores)        # (B, H, Tq, Tk)
     probs_used, dropout_cache = dropout_forward(probs, dropout_p, rng)
@@ -85,7 +86,8 @@ def attention_backward(dy, cache: AttentionCache):
     dprobs_used = dyh @ vh.transpose(0, 1, 3, 2)                    # (B, H, Tq, Tk)
     dvh = probs_used.transpose(0, 1, 3, 2) @ dyh                    # (B, H, Tk, D)
     dprobs = dropout_backward(dprobs_used, dropout_cache)           # (B, H, Tq, Tk)
-    dscores = softmax_backward(dprobs, softmax_cache) * scale       # (B, H, Tq, Tk)
+    dscores = softmax_backward(dprobs, softmax_cache)               # (B, H, Tq, Tk)
+    dscores *= scale
     dqh = dscores @ kh                                              # (B, H, Tq, D)
     dkh = dscores.transpose(0, 1, 3, 2) @ qh                        # (B, H, Tk, D)
     return merge_heads(dqh), merge_heads(dkh), merge_heads(dvh)

@@ -42,13 +42,15 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -100):
         raise ValueError(f"cross_entropy: target ids must lie in [0, {V}) or equal ignore_index "
                          f"({ignore_index}); got {int(t[bad][0])}")
     t = xp.where(keep, t, 0)
-    shifted = z - z.max(axis=-1, keepdims=True)                 # stable: the max exponent is 0
-    exp = xp.exp(shifted)
-    sumexp = exp.sum(axis=-1, keepdims=True)                    # (N, 1)
-    log_probs_t = shifted[xp.arange(z.shape[0]), t] - xp.log(sumexp[:, 0])  # (N,)
+    probs = z - z.max(axis=-1, keepdims=True)                  # stable: the max exponent is 0
+    shifted_t = probs[xp.arange(z.shape[0]), t]                 # (N,) the targets' shifted logits
+    xp.exp(probs, out=probs)
+    sumexp = probs.sum(axis=-1)                                 # (N,)
+    probs /= sumexp[:, None]                                    # (N, V) softmax
+    log_probs_t = shifted_t - xp.log(sumexp)                    # (N,) log softmax at the targets
     keep_f = keep.astype(z.dtype)
     loss = -float((log_probs_t * keep_f).sum()) / count
-    return loss, CrossEntropyCache(exp / sumexp, t, keep_f, count, logits.shape)
+    return loss, CrossEntropyCache(probs, t, keep_f, count, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache: CrossEntropyCache):

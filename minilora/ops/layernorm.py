@@ -18,11 +18,12 @@ def layernorm_forward(x, weight, bias, eps: float = 1e-5):
     (the biased variance, as GPT-2 and PyTorch use)."""
     xp = get_array_module(x)
     mean = x.mean(axis=-1, keepdims=True)            # (..., 1)
-    xc = x - mean                                    # (..., C)
-    var = (xc * xc).mean(axis=-1, keepdims=True)     # (..., 1)
+    xhat = x - mean                                  # (..., C) centred; normalised below
+    var = (xhat * xhat).mean(axis=-1, keepdims=True) # (..., 1)
     rstd = 1.0 / xp.sqrt(var + eps)                  # (..., 1)
-    xhat = xc * rstd                                 # (..., C)
-    y = xhat * weight + bias
+    xhat *= rstd                                     # (..., C)
+    y = xhat * weight
+    y += bias
     return y, LayerNormCache(xhat, rstd, weight)
 
 
@@ -41,7 +42,8 @@ def layernorm_backward(dy, cache: LayerNormCache, need_dweight: bool = True, nee
     dweight = (dy * xhat).reshape(-1, C).sum(axis=0) if need_dweight else None  # (C,)
     dbias = dy.reshape(-1, C).sum(axis=0) if need_dbias else None               # (C,)
     dxhat = dy * weight                                                          # (..., C)
-    dx = rstd * (dxhat
-                 - dxhat.mean(axis=-1, keepdims=True)
-                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
+    dxhat *= xhat
+    dx -= xhat * dxhat.mean(axis=-1, keepdims=True)
+    dx *= rstd
     return dx, dweight, dbias

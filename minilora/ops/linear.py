@@ -19,7 +19,10 @@ def linear_forward(x, W, b=None):
     """
     if x.shape[-1] != W.shape[0]:
         raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {W.shape[0]}")
-    y = x @ W  # (..., I) @ (I, O) -> (..., O)
+    I, O = W.shape
+    # One (N, I) @ (I, O) product over all N = B*T rows: a (B, T, I) @ (I, O) matmul
+    # would make NumPy call the BLAS once per batch row, which is slower.
+    y = (x.reshape(-1, I) @ W).reshape(*x.shape[:-1], O)  # (N, I) @ (I, O) -> (..., O)
     if b is not None:
         y += b
     return y, LinearCache(x, W, b is not None)
@@ -39,7 +42,8 @@ def linear_backward(dy, cache: LinearCache, need_dW: bool = True, need_db: bool 
     """
     x, W, has_bias = cache
     I, O = W.shape
-    dx = dy @ W.T  # (..., O) @ (O, I) -> (..., I)
-    dW = x.reshape(-1, I).T @ dy.reshape(-1, O) if need_dW else None  # (I, N) @ (N, O)
-    db = dy.reshape(-1, O).sum(axis=0) if (has_bias and need_db) else None  # (O,)
+    dy2d = dy.reshape(-1, O)                                           # (N, O)
+    dx = (dy2d @ W.T).reshape(x.shape)                                 # (N, O) @ (O, I) -> (..., I)
+    dW = x.reshape(-1, I).T @ dy2d if need_dW else None                # (I, N) @ (N, O) -> (I, O)
+    db = dy2d.sum(axis=0) if (has_bias and need_db) else None          # (O,)
     return dx, dW, db

@@ -8,7 +8,9 @@ input down to the rank, ``lora_B`` maps back up), so the update to a weight stor
 (I, O) is ``scaling * (B @ A)^T``.
 
 The product is taken as (x A^T) B^T -- never by forming the (I, O) matrix B A -- so it
-costs N * R * (I + O) multiply-adds instead of N * I * O.
+costs N * R * (I + O) multiply-adds instead of N * I * O. The scaling multiplies the
+small (O, R) matrix, not the large (N, O) result. Products run on 2-D views (N = B*T
+rows), which lets NumPy hand each one to the BLAS in a single call.
 """
 from typing import NamedTuple
 
@@ -28,8 +30,8 @@ def lowrank_forward(x, A, B, scaling: float):
     if x.shape[-1] != I or B.shape[1] != R:
         raise ValueError(f"lowrank: x {x.shape}, A {A.shape} and B {B.shape} do not fit "
                          "(expected x (..., I), A (R, I), B (O, R))")
-    h = x @ A.T                      # (..., I) @ (I, R) -> (..., R)
-    delta = h @ (scaling * B).T      # (..., R) @ (R, O) -> (..., O); scale the small matrix
+    h = (x.reshape(-1, I) @ A.T).reshape(*x.shape[:-1], R)        # (N, I) @ (I, R) -> (..., R)
+    delta = (h.reshape(-1, R) @ (scaling * B).T).reshape(*x.shape[:-1], O)  # (N, R) @ (R, O) -> (..., O)
     return delta, LowRankCache(x, h, A, B, scaling)
 
 
@@ -48,8 +50,9 @@ def lowrank_backward(ddelta, cache: LowRankCache, need_dx: bool = True):
     x, h, A, B, s = cache
     R, I = A.shape
     O = B.shape[0]
-    dh = ddelta @ (s * B)                                         # (..., R)
-    dB = (ddelta.reshape(-1, O).T @ h.reshape(-1, R)) * s         # (O, R)
-    dA = dh.reshape(-1, R).T @ x.reshape(-1, I)                   # (R, I)
-    dx = dh @ A if need_dx else None                              # (..., I)
+    ddelta2d, h2d = ddelta.reshape(-1, O), h.reshape(-1, R)       # (N, O), (N, R)
+    dh2d = ddelta2d @ (s * B)                                     # (N, O) @ (O, R) -> (N, R)
+    dB = (ddelta2d.T @ h2d) * s                                   # (O, N) @ (N, R) -> (O, R)
+    dA = dh2d.T @ x.reshape(-1, I)                                # (R, N) @ (N, I) -> (R, I)
+    dx = (dh2d @ A).reshape(x.shape) if need_dx else None         # (N, R) @ (R, I) -> (..., I)
     return dx, dA, dB

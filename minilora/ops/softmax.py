@@ -19,8 +19,9 @@ def softmax_forward(x):
     is exp(0) = 1. A row of -inf (a fully masked row) is not allowed.
     """
     xp = get_array_module(x)
-    e = xp.exp(x - x.max(axis=-1, keepdims=True))
-    p = e / e.sum(axis=-1, keepdims=True)
+    p = x - x.max(axis=-1, keepdims=True)     # a new array, so the rest can work in place
+    xp.exp(p, out=p)
+    p /= p.sum(axis=-1, keepdims=True)
     return p, SoftmaxCache(p)
 
 
@@ -32,4 +33,6 @@ def softmax_backward(dp, cache: SoftmaxCache):
     -- one elementwise product and one row-sum, never the (K, K) Jacobian itself.
     """
     p = cache.p
-    return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+    dx = dp * p                                        # dp_j p_j
+    dx -= p * dx.sum(axis=-1, keepdims=True)           # - p_j sum_i dp_i p_i
+    return dx
