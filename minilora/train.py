@@ -454,14 +454,6 @@ def _restore(out_dir, run: _Run, model, optimizer, batch_rng, config: TrainConfi
         raise ValueError(f"{where} was trained on other base weights than this model's "
                          f"(base: {state.get('base')!r}); load that base before add_lora")
 
-    # Restore the saved parameters by name: all of them, or (LoRA) exactly the trainable ones.
-    if lora:
-        if set(ckpt.params) != set(names):
-            raise ValueError(f"{where}: {io.TRAINABLE_WEIGHTS_FILE} holds {sorted(ckpt.params)}, "
-                             f"the model trains {names}")
-        model.load_state_dict(ckpt.params, strict=False)   # strict on names: checked just above
-    else:
-        model.load_state_dict(ckpt.params)                 # strict: every parameter, no extra
     try:
         batch_rng_state = _from_jsonable(state["rng"]["batches"])
         model_rng_states, rng_unsaved = state["rng"]["model"], state.get("rng_unsaved", [])
