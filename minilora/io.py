@@ -160,13 +160,22 @@ def model_config_dict(model) -> dict:
 def save_model(model, directory: str) -> Dict[str, str]:
     """Save a GPT as ``directory/model.safetensors`` + ``directory/config.json``.
 
+    A model with LoRA adapters is saved whole: every weight (adapters included) and, in
+    the config, the adapters' layout -- which layers, which configs, which adapters are
+    active and which are *merged* into their weights -- so :func:`load_model` rebuilds
+    exactly this model. (To save only an adapter, use ``save_adapter``.)
+
     Each file is replaced atomically; the weights are written first and the config last,
     so a directory with a config has its weights. Returns the paths written.
     """
+    from .lora import is_lora_model, lora_layout
+
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     config = model_config_dict(model)
     config["weights"] = MODEL_WEIGHTS_FILE
+    if is_lora_model(model):
+        config["lora_layout"] = lora_layout(model)
     weights_path = os.path.join(directory, MODEL_WEIGHTS_FILE)
     config_path = os.path.join(directory, MODEL_CONFIG_FILE)
     write_safetensors(weights_path, model.state_dict(), metadata={"format": "np", "producer": FORMAT})
@@ -221,8 +230,11 @@ def load_model(directory: str, device: str = "cpu", dtype=None):
     weights = read_safetensors(weights_path)
     model = GPT(config, seed=int(saved.get("seed", 0)), dtype=dtype)
     try:
+        if saved.get("lora_layout"):
+            from .lora import rebuild_lora_layout
+            rebuild_lora_layout(model, saved["lora_layout"])
         model.load_state_dict(weights)
-    except ValueError as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{weights_path} does not fit the model in {config_path}: {e}") from None
     if device != "cpu":
         model.to(device)

@@ -549,6 +549,36 @@ def add_weighted_adapter(model: Module, adapters: Sequence[str], weights: Sequen
 
 
 # --------------------------------------------------------------------------------------
+# The adapters' layout as saved with a whole model
+# --------------------------------------------------------------------------------------
+
+def lora_layout(model: Module) -> dict:
+    """Which layers carry which adapters (with their configs), which adapters are active,
+    and which are merged into which weights: what ``save_model`` records beside the
+    weights so that ``load_model`` rebuilds the very same model, merged state included."""
+    return {"layers": {name: {a: c.to_dict() for a, c in layer.lora_configs.items()}
+                       for name, layer in lora_layers(model) if layer.lora_configs},
+            "active": active_adapters(model),
+            "merged": merged_state(model)}
+
+
+def rebuild_lora_layout(model: Module, layout: dict) -> None:
+    """Recreate the adapters of :func:`lora_layout` on a plain model, with zero factors
+    for ``load_state_dict`` to fill, and the recorded merged and active state."""
+    for layer_name, adapters in layout.get("layers", {}).items():
+        layer = ensure_lora_layer(model, layer_name)
+        for name, config_dict in adapters.items():
+            config = LoraConfig.from_dict(config_dict)
+            layer.attach(name, config, np.zeros((config.r, layer.in_features)),
+                         np.zeros((layer.out_features, config.r)),
+                         zlib.crc32(f"{layer_name}:{name}".encode()))
+    for layer_name, names in layout.get("merged", {}).items():
+        model.get_submodule(layer_name).merged_adapters = list(names)
+    if layout.get("active"):
+        set_adapter(model, layout["active"])
+
+
+# --------------------------------------------------------------------------------------
 # Accounting
 # --------------------------------------------------------------------------------------
 

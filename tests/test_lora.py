@@ -516,3 +516,24 @@ def test_lora_finetune_lowers_validation_loss_with_few_parameters():
         after = ml.cross_entropy(model.forward(val_x), val_y)[0]
     assert after < 0.5 * before, (before, after)
     assert all(np.array_equal(p.data, base_weights[n]) for n, p in model.named_parameters() if n in base_weights)
+
+
+def test_a_whole_lora_model_saves_with_its_merged_state(tmp_path):
+    """save_model keeps the adapters, which one is active and which is merged: the
+    loaded model gives the same outputs, and unmerging it restores the base weights."""
+    model = two_adapter_model()
+    ml.set_adapter(model, "second")
+    ml.merge_lora(model)
+    expected = logits_of(model)
+    ml.save_model(model, str(tmp_path / "m"))
+    loaded = ml.load_model(str(tmp_path / "m"))
+    assert merged_state(loaded) == merged_state(model) and ml.active_adapters(loaded) == ["second"]
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert n1 == n2 and np.array_equal(p1.data, p2.data) and p1.requires_grad == p2.requires_grad, n1
+    assert np.array_equal(logits_of(loaded.eval()), expected)
+    ml.merge_lora(loaded)                                   # already merged: never a second add
+    assert np.array_equal(logits_of(loaded), expected)
+    ml.unmerge_lora(loaded)
+    base = ml.GPT(CFG, seed=0, dtype="float64")
+    for name, p in base.named_parameters():
+        assert relative_error(dict(loaded.named_parameters())[name].data, p.data) < 1e-12, name
