@@ -241,7 +241,8 @@ class GPT(Module):
         if kv_cache is not None:
             kv_cache.length += T
         x = self.ln_f.forward(x)                                    # (B, T, C)
-        logits, cache = linear_forward(x, self.token_embedding.weight.data.T)  # (B, T, C) @ (C, V)
+        logits, cache = linear_forward(x, self.token_embedding.weight.data.T,   # (B, T, C) @ (C, V)
+                                       keep_input=self.token_embedding.weight.requires_grad)
         _keep(self, cache)
         return logits
 
@@ -337,4 +338,4 @@ def cross_entropy(logits, targets, ignore_index: int = -100):
     if backend.get_array_module(targets) is not xp:
         targets = backend.to_device(targets, backend.device_of(logits))
     loss, cache = cross_entropy_forward(logits, targets, ignore_index)
-    return loss, cross_entropy_backward(1.0, cache)
+    return loss, cross_entropy_backward(1.0, cache, reuse_cache=True)  # the cache is ours alone

@@ -246,7 +246,8 @@ class LoRALinear(Linear):
 
     def forward(self, x):
         """y = x @ W + b + sum over running adapters of scaling * (dropout(x) A^T) B^T."""
-        y, base_cache = linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
+        y, base_cache = linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None,
+                                       keep_input=self.weight.requires_grad)   # frozen W: no dW, no x
         adapter_caches = []
         for name in self._running_adapters():
             dropout = getattr(self.lora_dropout, name)

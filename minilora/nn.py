@@ -80,13 +80,17 @@ class Parameter:
         return int(self.data.size)
 
     def accumulate_grad(self, grad) -> None:
-        """``self.grad += grad`` (the first call stores it). Never called when frozen."""
+        """``self.grad += grad`` (the first call stores it). Never called when frozen.
+
+        The first gradient is stored without a copy: every op's backward returns a
+        freshly computed weight gradient that nothing else refers to.
+        """
         if not self.requires_grad:
             raise RuntimeError("a frozen parameter must receive no gradient")
         if grad.shape != self.data.shape:
             raise ValueError(f"gradient of shape {grad.shape} for a parameter of shape {self.data.shape}")
         if self.grad is None:
-            self.grad = grad.astype(self.data.dtype, copy=True)
+            self.grad = grad.astype(self.data.dtype, copy=False)
         else:
             self.grad += grad
 
@@ -290,7 +294,8 @@ class Linear(Module):
         self.bias = Parameter(np.zeros(out_features, dtype=dtype), decay=False) if bias else None
 
     def forward(self, x):
-        y, cache = linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
+        y, cache = linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None,
+                                  keep_input=self.weight.requires_grad)
         _keep(self, cache)
         return y
 

@@ -36,6 +36,19 @@ def test_linear(device, seed, B, T, I, O, with_bias):
     assert_gradients_match(check_gradients(lambda: linear_forward(x, W, b)[0], inputs, analytic, dy))
 
 
+def test_linear_frozen_weight_keeps_no_input(device):
+    """A frozen layer needs W for dx but never x: its cache must not keep x alive."""
+    rng = np.random.default_rng(0)
+    x, W = randn(rng, 2, 3, 4, device=device), randn(rng, 4, 5, device=device)
+    y, cache = linear_forward(x, W, None, keep_input=False)
+    assert cache.x is None
+    dy = randn(rng, *y.shape, device=device)
+    dx, dW, _ = linear_backward(dy, cache, need_dW=False)
+    assert dW is None and relative_error(dx, linear_backward(dy, linear_forward(x, W)[1])[0]) == 0.0
+    with pytest.raises(RuntimeError, match="kept no input"):
+        linear_backward(dy, cache, need_dW=True)
+
+
 def test_linear_frozen_weight_skips_its_gradient(device):
     rng = np.random.default_rng(0)
     x, W, b = randn(rng, 2, 3, 4, device=device), randn(rng, 4, 5, device=device), randn(rng, 5, device=device)

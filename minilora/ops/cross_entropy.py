@@ -53,15 +53,18 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -100):
     return loss, CrossEntropyCache(probs, t, keep_f, count, logits.shape)
 
 
-def cross_entropy_backward(dloss, cache: CrossEntropyCache):
+def cross_entropy_backward(dloss, cache: CrossEntropyCache, reuse_cache: bool = False):
     """d(-log p_t)/dz = p - onehot(t), for each counted row, divided by the count (the
     mean), times the upstream dloss (1.0 when the loss is the final objective).
 
+    ``reuse_cache=True`` writes the gradient into the cached probabilities instead of a
+    copy of them -- an (N, V) array, the largest in a small model's step -- which uses
+    the cache up: only a caller that owns it (``minilora.cross_entropy``) may ask.
     Returns: dlogits with the logits' shape (..., V).
     """
     xp = get_array_module(cache.probs)
     probs, t, keep, count, shape = cache
-    dz = probs.copy()                                           # (N, V)
+    dz = probs if reuse_cache else probs.copy()                 # (N, V)
     dz[xp.arange(dz.shape[0]), t] -= 1.0
     dz *= (keep * (dloss / count))[:, None]                     # ignored rows get zero
     return dz.reshape(shape)

@@ -6,15 +6,17 @@ from typing import NamedTuple, Optional
 
 
 class LinearCache(NamedTuple):
-    x: object  # (..., I) the input, needed for dW = x^T dy
+    x: object  # (..., I) the input, needed for dW = x^T dy (None when W is frozen)
     W: object  # (I, O)   the weight, needed for dx = dy W^T
     has_bias: bool
+    x_shape: tuple
 
 
-def linear_forward(x, W, b=None):
+def linear_forward(x, W, b=None, keep_input: bool = True):
     """y = x @ W + b.
 
-    Args: x (..., I); W (I, O); b (O,) or None.
+    Args: x (..., I); W (I, O); b (O,) or None. ``keep_input=False`` (a frozen W) keeps
+    no reference to x: only dW needs it, so a frozen layer's input can be freed early.
     Returns: y (..., O), cache.
     """
     if x.shape[-1] != W.shape[0]:
@@ -25,7 +27,7 @@ def linear_forward(x, W, b=None):
     y = (x.reshape(-1, I) @ W).reshape(*x.shape[:-1], O)  # (N, I) @ (I, O) -> (..., O)
     if b is not None:
         y += b
-    return y, LinearCache(x, W, b is not None)
+    return y, LinearCache(x if keep_input else None, W, b is not None, x.shape)
 
 
 def linear_backward(dy, cache: LinearCache, need_dW: bool = True, need_db: bool = True):
@@ -40,10 +42,12 @@ def linear_backward(dy, cache: LinearCache, need_dW: bool = True, need_db: bool 
 
     Returns: dx, dW (or None), db (or None; None also when there is no bias).
     """
-    x, W, has_bias = cache
+    x, W, has_bias, x_shape = cache
     I, O = W.shape
+    if need_dW and x is None:
+        raise RuntimeError("linear_backward: dW was asked for, but the forward kept no input")
     dy2d = dy.reshape(-1, O)                                           # (N, O)
-    dx = (dy2d @ W.T).reshape(x.shape)                                 # (N, O) @ (O, I) -> (..., I)
+    dx = (dy2d @ W.T).reshape(x_shape)                                 # (N, O) @ (O, I) -> (..., I)
     dW = x.reshape(-1, I).T @ dy2d if need_dW else None                # (I, N) @ (N, O) -> (I, O)
     db = dy2d.sum(axis=0) if (has_bias and need_db) else None          # (O,)
     return dx, dW, db
