@@ -46,6 +46,7 @@ __all__ = [
     "Optimizer",
     "SGD",
     "AdamW",
+    "grad_norm",
     "clip_grad_norm",
     "warmup_cosine_lr",
 ]
@@ -418,6 +419,17 @@ class AdamW(Optimizer):
 # Gradient clipping
 # --------------------------------------------------------------------------------------
 
+def grad_norm(grads) -> float:
+    """The global L2 norm of several gradient arrays, as if they were one long vector:
+    ``sqrt(sum over arrays of sum(g * g))``, accumulated in float64 (0.0 for none)."""
+    total_sq = 0.0
+    for g in grads:   # squared per-array norms stay on the device; one transfer at the end
+        xp = get_array_module(g)
+        n = xp.linalg.norm(g.ravel()).astype(xp.float64)
+        total_sq = total_sq + n * n
+    return float(math.sqrt(float(total_sq)))
+
+
 def clip_grad_norm(params: Iterable[Parameter], max_norm: float) -> float:
     """Scale all gradients together so their global L2 norm is at most ``max_norm``.
 
@@ -440,15 +452,7 @@ def clip_grad_norm(params: Iterable[Parameter], max_norm: float) -> float:
     if max_norm <= 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    # Sum squared per-array norms on the device; one transfer (float()) at the end.
-    total_sq = 0.0
-    for g in grads:
-        xp = get_array_module(g)
-        n = xp.linalg.norm(g.ravel()).astype(xp.float64)
-        total_sq = total_sq + n * n
-    norm = float(math.sqrt(float(total_sq)))
+    norm = grad_norm(grads)
     if not math.isfinite(norm):
         return norm
     coef = max_norm / (norm + 1e-6)

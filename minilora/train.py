@@ -48,6 +48,7 @@ from .gpt import cross_entropy
 from .nn import Module, no_grad
 from .ops.cross_entropy import cross_entropy_forward
 from .optim import AdamW, clip_grad_norm, warmup_cosine_lr
+from .optim import grad_norm as global_grad_norm
 
 __all__ = [
     "TrainConfig", "TrainResult", "StepRecord", "EvalRecord", "StepInfo", "TrainingDiverged",
@@ -495,17 +496,6 @@ def _restore(out_dir, run: _Run, model, optimizer, batch_rng, config: TrainConfi
 # The loop
 # --------------------------------------------------------------------------------------
 
-def _global_grad_norm(params) -> float:
-    """sqrt(sum of every squared gradient element), without changing the gradients."""
-    total = 0.0
-    for p in params:
-        if p.grad is not None:
-            xp = backend.get_array_module(p.grad)
-            n = float(xp.linalg.norm(p.grad.ravel().astype(xp.float64)))
-            total += n * n
-    return math.sqrt(total)
-
-
 def train(model: Module, train_batches: Callable[[np.random.Generator], Batch],
           val_batches: Optional[Callable[[], Iterable[Batch]]] = None,
           config: Optional[TrainConfig] = None, out_dir: Optional[str] = None,
@@ -591,7 +581,7 @@ def train(model: Module, train_batches: Callable[[np.random.Generator], Batch],
             if config.grad_clip is not None:
                 grad_norm = clip_grad_norm(params, config.grad_clip)   # the norm before clipping
             else:
-                grad_norm = _global_grad_norm(params)
+                grad_norm = global_grad_norm(p.grad for p in params if p.grad is not None)
             if not math.isfinite(grad_norm):
                 raise diverged("gradient norm", grad_norm, step)
             lr = warmup_cosine_lr(step - 1, max_lr=config.lr, warmup_steps=config.warmup_steps,
