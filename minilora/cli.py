@@ -116,10 +116,15 @@ def cmd_demo(args) -> None:
 def cmd_train(args) -> None:
     data = load_data(args.data)
     text = data if isinstance(data, str) else "\n".join(e["prompt"] + e["response"] for e in data)
-    if args.tokenizer == "char":
+    saved_tokenizer = os.path.join(args.out, TOKENIZER_FILE)
+    if args.resume and os.path.isfile(saved_tokenizer):
+        tokenizer = load_tokenizer(saved_tokenizer)     # the run's own, saved when it began
+    elif args.tokenizer == "char":
         tokenizer = CharTokenizer.train([text])
     else:
         tokenizer = BPETokenizer.train([text], vocab_size=args.vocab_size)
+    os.makedirs(args.out, exist_ok=True)
+    tokenizer.save(saved_tokenizer)                     # before training: a resumed run needs it
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
     model = GPT(config, seed=args.seed).to(args.device)
@@ -128,7 +133,6 @@ def cmd_train(args) -> None:
     result = train(model, train_batches, val_batches, train_config_from(args, 1000),
                    out_dir=os.path.join(args.out, CHECKPOINTS), resume=args.resume)
     io.save_model(model, args.out)
-    tokenizer.save(os.path.join(args.out, TOKENIZER_FILE))
     print(f"final validation loss {result.final_val_loss:.4f}; model saved to {args.out}")
 
 
@@ -209,6 +213,11 @@ def cmd_info(args) -> None:
 # Argument parsing
 # --------------------------------------------------------------------------------------
 
+def _add_device_flag(p) -> None:
+    p.add_argument("--device", choices=backend.DEVICES, default="cpu",
+                   help="cpu (NumPy) or cuda (CuPy); default cpu")
+
+
 def _add_training_flags(p, lr: float, batch_size: int) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=batch_size)
@@ -224,14 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minilora", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"minilora {__version__}")
-    parser.add_argument("--device", choices=backend.DEVICES, default="cpu",
-                        help="cpu (NumPy) or cuda (CuPy); default cpu")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train a base, LoRA fine-tune it, show the costs, merge, generate")
     p.add_argument("--out", default="minilora_demo", help="output directory (default: minilora_demo)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: runs in seconds (for tests)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_device_flag(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="pre-train a GPT on a text file or built-in corpus")
@@ -245,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--dropout", type=float, default=0.0)
     _add_training_flags(p, lr=3e-3, batch_size=16)
+    _add_device_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="LoRA fine-tune a model on a text or JSONL file")
@@ -257,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated module names, or all-linear (default q_proj,v_proj)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     _add_training_flags(p, lr=3e-3, batch_size=16)
+    _add_device_flag(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("merge", help="merge an adapter into its base: one plain model")
@@ -274,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    _add_device_flag(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="describe a model, a training run or an adapter")
@@ -289,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.device == "cuda":
+        if getattr(args, "device", "cpu") == "cuda":
             backend.check_device("cuda")
         args.func(args)
     except (CLIError, ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as e:

@@ -117,6 +117,27 @@ def test_errors_are_one_line(argv, message, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(ml.cuda_available(), reason="checks the error on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_clear_error(capsys):
+    code, _, err = run(capsys, "demo", "--quick", "--device", "cuda")
+    assert code != 0 and "CuPy" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_resume_continues_with_the_runs_own_tokenizer(workdir, capsys):
+    text = workdir / "resume.txt"
+    text.write_text(ml.data.load_builtin("stories", size=6000, seed=3), encoding="utf-8")
+    out = workdir / "resumed"
+    argv = ["train", "--data", str(text), "--out", str(out), "--vocab-size", "300", *TINY_MODEL]
+    assert main(argv + ["--steps", "5"]) == 0
+    tokenizer_before = (out / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    assert main(argv + ["--steps", "5"]) != 0                   # refuses to overwrite a run
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert main(argv + ["--steps", "10", "--resume"]) == 0
+    assert (out / "tokenizer.json").read_bytes() == tokenizer_before
+    assert io.load_checkpoint(io.latest_checkpoint(str(out / "checkpoints"))).step == 10
+
+
 def test_malformed_jsonl_reports_its_line(base, workdir, capsys):
     data = workdir / "bad.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n', encoding="utf-8")
