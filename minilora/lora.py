@@ -150,7 +150,10 @@ class LoRALinear(Linear):
     # ---- managing adapters --------------------------------------------------------
 
     def add_adapter(self, name: str, config: LoraConfig, rng: np.random.Generator, dropout_seed: int) -> None:
-        """Create adapter ``name``: A initialised per ``config.init``, B = 0 (or PiSSA)."""
+        """Create adapter ``name``: A initialised per ``config.init``, B = 0 (or PiSSA).
+
+        The new adapter does not run until it is in ``active_adapters`` (``add_lora``
+        and ``set_adapter`` do that for a whole model)."""
         I, O, R = self.in_features, self.out_features, config.r
         if R > min(I, O):
             raise ValueError(f"LoRA rank r={R} is larger than the layer allows: min(in, out) = "
