@@ -105,11 +105,12 @@ def test_layernorm_normalises(device):
 
 @given(seeds, batch, time, features)
 def test_gelu(device, seed, B, T, C):
-    """Scale 2, not more: for x below about -4, ``1 + tanh(u)`` cancels to a few
-    significant digits in the forward itself (in every implementation of this formula),
+    """Inputs in [-4, 4]: below about -4, ``1 + tanh(u)`` cancels to a few significant
+    digits in the forward itself (in every implementation of this formula), so the
+    loss carries a rounding error of ~1e-16 while the true gradient falls below ~1e-5,
     and a central difference there measures that rounding, not the backward."""
     rng = np.random.default_rng(seed)
-    x = randn(rng, B, T, C, device=device, scale=2.0)
+    x = backend.to_device(np.clip(rng.standard_normal((B, T, C)) * 2.0, -4.0, 4.0), device)
     y, cache = gelu_forward(x)
     dy = randn(rng, *y.shape, device=device)
     assert_gradients_match(check_gradients(lambda: gelu_forward(x)[0], {"x": x},
