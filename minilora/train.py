@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from . import backend, io
 from .data import IGNORE_INDEX, example_batch, get_batch, iter_example_batches, iter_text_batches
 from .gpt import cross_entropy
+from .lora import is_lora_model
 from .nn import Module, no_grad
 from .ops.cross_entropy import cross_entropy_forward
 from .optim import AdamW, clip_grad_norm, warmup_cosine_lr
@@ -353,14 +354,6 @@ def set_rng_states(model: Module, states: Dict[str, dict], unsaved: Sequence[str
 # Checkpoints: what a training run saves and restores
 # --------------------------------------------------------------------------------------
 
-def _is_lora(model: Module) -> bool:
-    try:
-        from .lora import is_lora_model
-    except ImportError:
-        return False
-    return is_lora_model(model)
-
-
 def _base_fingerprint(model: Module, trainable: Sequence[str]) -> str:
     """A hash of the frozen base weights, so a LoRA run resumes only on the same base."""
     from .adapters import base_fingerprint
@@ -532,7 +525,7 @@ def train(model: Module, train_batches: Callable[[np.random.Generator], Batch],
     optimizer = AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                       weight_decay=config.weight_decay)
     batch_rng = np.random.default_rng(config.seed)
-    lora = _is_lora(model)
+    lora = is_lora_model(model)
     fingerprint = _base_fingerprint(model, names) if lora else None
     device = _device(model)
     run = _Run()
