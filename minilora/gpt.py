@@ -245,9 +245,15 @@ class GPT(Module):
     def backward(self, dlogits) -> None:
         """Fill ``.grad`` of every trainable parameter from dlogits (B, T, V)."""
         wte = self.token_embedding.weight
-        dx, dW_head, _ = linear_backward(dlogits, _take_cache(self), need_dW=wte.requires_grad)
-        if dW_head is not None:
-            wte.accumulate_grad(dW_head.T)   # head weight is wte^T, so its gradient is dW^T
+        cache = _take_cache(self)
+        dx, _, _ = linear_backward(dlogits, cache, need_dW=False)          # (B, T, C)
+        if wte.requires_grad:
+            # The head weight is wte^T, so wte's gradient is (x^T dlogits)^T = dlogits^T x.
+            # Computed as that product, (V, N) @ (N, C), it comes out in wte's own row-major
+            # layout; the transposed view (x^T dlogits).T would make every later pass over
+            # it (the embedding's scatter-add, AdamW's update) stride across memory, ~10x slower.
+            V, C = wte.shape
+            wte.accumulate_grad(dlogits.reshape(-1, V).T @ cache.x.reshape(-1, C))  # (V, C)
         dx = self.ln_f.backward(dx)           # (B, T, C)
         for block in reversed(list(self.blocks)):
             dx = block.backward(dx)

@@ -89,8 +89,8 @@ class Parameter:
             raise RuntimeError("a frozen parameter must receive no gradient")
         if grad.shape != self.data.shape:
             raise ValueError(f"gradient of shape {grad.shape} for a parameter of shape {self.data.shape}")
-        if self.grad is None:
-            self.grad = grad.astype(self.data.dtype, copy=False)
+        if self.grad is None:   # row-major like the parameter: elementwise updates stream
+            self.grad = grad.astype(self.data.dtype, order="C", copy=False)
         else:
             self.grad += grad
 

@@ -147,6 +147,22 @@ def test_frozen_parameters_get_no_gradient():
     assert model.num_parameters(trainable_only=True) == model.num_parameters() - sum(p.size for p in frozen)
 
 
+def test_gradients_are_row_major_like_their_parameters():
+    """Every gradient has its parameter's (row-major) layout. The tied head's gradient is
+    the transpose of a product; stored as a transposed view, it made AdamW's elementwise
+    passes over the embedding stride across memory and ~10x slower (bench/README.md)."""
+    model = perturbed_model(dtype="float32")
+    idx = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    _, dlogits = ml.cross_entropy(model.forward(idx), np.array([[2, 3, 4, 5], [6, 7, 8, 9]]))
+    model.backward(dlogits)
+    for name, p in model.named_parameters():
+        assert p.grad.flags.c_contiguous, name
+    wte = model.token_embedding.weight
+    wte.grad = None
+    wte.accumulate_grad(np.asfortranarray(np.ones(wte.shape, dtype=np.float32)))
+    assert wte.grad.flags.c_contiguous
+
+
 def test_no_grad_keeps_no_cache():
     model = ml.GPT(TINY)
     with ml.no_grad():
