@@ -41,6 +41,9 @@ if __name__ == "__main__":
     _n = str(_threads_from_argv(sys.argv[1:]))
     for _var in THREAD_ENV_VARS:
         os.environ[_var] = _n
+    # OpenBLAS's idle workers otherwise spin ~0.1 s after each product, on the cores that
+    # minilora's elementwise threads need next (minilora/threads.py); PyTorch is unaffected.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -313,6 +316,14 @@ def gpu_name() -> Optional[str]:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
+def set_threads(n: int) -> None:
+    """The same thread count for both sides' elementwise work (the BLAS's is set from the
+    environment at start-up)."""
+    ml.threads.set_num_threads(n)
+    if torch is not None:
+        torch.set_num_threads(n)
+
+
 def machine_info(threads: int) -> Dict[str, object]:
     info: Dict[str, object] = {
         "cpu_model": cpu_model(),
@@ -320,7 +331,7 @@ def machine_info(threads: int) -> Dict[str, object]:
         "os": f"{platform.system()} {platform.release()}",
         "logical_cpus": os.cpu_count(),
         "threads": threads,
-        "thread_env": {v: os.environ.get(v) for v in THREAD_ENV_VARS},
+        "thread_env": {v: os.environ.get(v) for v in THREAD_ENV_VARS + ("OPENBLAS_THREAD_TIMEOUT",)},
         "python": platform.python_version(),
         "numpy": np.__version__,
         "numpy_blas": blas_info(),
@@ -328,6 +339,7 @@ def machine_info(threads: int) -> Dict[str, object]:
         "minilora_commit": git_commit(),
         "torch": torch.__version__ if torch is not None else None,
         "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "minilora_threads": ml.threads.get_num_threads(),
         "torch_blas": _torch_blas() if torch is not None else None,
         "gpu": gpu_name(),
     }
@@ -1163,7 +1175,9 @@ def markdown(res: Dict[str, object]) -> str:
     L.append(f"- machine: {m['cpu_model']} ({m['machine']}), {m['logical_cpus']} logical CPUs, "
              f"{m.get('memory_gib')} GiB, {m['os']}" + (f"; GPU: {m['gpu']}" if m.get("gpu") else "; no GPU"))
     L.append(f"- threads: {m['threads']} (NumPy/{m['numpy_blas'].get('name')} reports "
-             f"{m['numpy_blas'].get('threads')}, PyTorch {m['torch_threads']})")
+             f"{m['numpy_blas'].get('threads')}, minilora's elementwise kernels "
+             f"{m.get('minilora_threads')}, PyTorch {m['torch_threads']}; "
+             f"OPENBLAS_THREAD_TIMEOUT={m['thread_env'].get('OPENBLAS_THREAD_TIMEOUT')})")
     L.append(f"- versions: Python {m['python']}, NumPy {m['numpy']} ({m['numpy_blas'].get('name')} "
              f"{m['numpy_blas'].get('version')}), PyTorch {m['torch'] or 'not installed'}"
              f"{' (' + str(m.get('torch_blas')) + ')' if m['torch'] else ''}, minilora {m['minilora']} "
@@ -1327,8 +1341,7 @@ def parse_args(argv=None):
 
 
 def run(args) -> Dict[str, object]:
-    if torch is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     info = machine_info(args.threads)
     res: Dict[str, object] = {
         "schema": SCHEMA_VERSION, "name": args.tag or machine_tag(info, args.quick), "quick": args.quick,
@@ -1462,8 +1475,7 @@ def _json_default(o):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_probe is not None:
-        if torch is not None:
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         print(json.dumps(memory_probe(json.loads(args.memory_probe)), default=_json_default))
         return 0
     res = run(args)

@@ -6,6 +6,15 @@
     loss, dlogits = ml.cross_entropy(logits, targets)
     model.zero_grad(); model.backward(dlogits)     # fills p.grad of trainable parameters
 """
+import os as _os
+
+# minilora runs elementwise kernels on threads between matrix products (threads.py), but
+# OpenBLAS's idle workers spin for ~0.1 s after each product on the very cores those
+# threads need. This lets them sleep at once. It takes effect only when NumPy is first
+# imported after this line (as with the `minilora` command), and a value already set wins.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from . import threads
 from .backend import cuda_available, to_numpy
 from .gpt import GPT, GPTConfig, KVCache, cross_entropy
 from .nn import Module, Parameter, no_grad

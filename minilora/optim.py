@@ -32,6 +32,7 @@ and loading into a fresh optimizer over the same parameters continues bit-identi
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Any, Dict, Iterable, List, Tuple
@@ -41,6 +42,7 @@ import numpy as np
 from . import backend
 from .backend import get_array_module
 from .nn import Parameter
+from .threads import map_row_blocks
 
 __all__ = [
     "Optimizer",
@@ -387,32 +389,50 @@ class AdamW(Optimizer):
 
     def _update(self, i: int, p: Parameter) -> None:
         xp = get_array_module(p.data)
-        beta1, beta2 = self.betas
         s = self.state.get(i)
         if s is None:  # lazily: a parameter that never trains never costs state memory
             s = self.state[i] = {"step": 0, "m": xp.zeros_like(p.data), "v": xp.zeros_like(p.data)}
         s["step"] += 1
-        t, m, v, g = s["step"], s["m"], s["v"], p.grad
+        decay = self.weight_decay if getattr(p, "decay", True) else 0.0
+        kernel = functools.partial(_adamw_kernel, t=s["step"], lr=self.lr, betas=self.betas,
+                                   eps=self.eps, weight_decay=decay)
+        # Every element's update is independent: blocks of it run on the CPU cores at once.
+        map_row_blocks(kernel, *_flat_if_possible(p.data, p.grad, s["m"], s["v"]))
 
-        if self.weight_decay != 0 and getattr(p, "decay", True):
-            p.data *= 1.0 - self.lr * self.weight_decay          # p = p * (1 - lr * wd)
 
-        scratch = xp.multiply(g, 1.0 - beta1)                    # the one scratch array
-        m *= beta1
-        m += scratch                                             # m = b1 m + (1 - b1) g
-        xp.multiply(g, g, out=scratch)
-        scratch *= 1.0 - beta2
-        v *= beta2
-        v += scratch                                             # v = b2 v + (1 - b2) g^2
+def _adamw_kernel(p, g, m, v, *, t: int, lr: float, betas: Tuple[float, float], eps: float,
+                  weight_decay: float) -> None:
+    """One AdamW update of (a block of) one parameter, in place in p, m and v."""
+    xp = get_array_module(p)
+    beta1, beta2 = betas
+    if weight_decay != 0:
+        p *= 1.0 - lr * weight_decay                             # p = p * (1 - lr * wd)
 
-        step_size = self.lr / (1.0 - beta1 ** t)                 # lr / bias correction 1
-        bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
-        xp.sqrt(v, out=scratch)
-        scratch /= bias_correction2_sqrt
-        scratch += self.eps                                      # sqrt(v_hat) + eps
-        xp.divide(m, scratch, out=scratch)
-        scratch *= step_size                                     # lr m_hat / (sqrt(v_hat) + eps)
-        p.data -= scratch
+    scratch = xp.multiply(g, 1.0 - beta1)                        # the one scratch array
+    m *= beta1
+    m += scratch                                                 # m = b1 m + (1 - b1) g
+    xp.multiply(g, g, out=scratch)
+    scratch *= 1.0 - beta2
+    v *= beta2
+    v += scratch                                                 # v = b2 v + (1 - b2) g^2
+
+    step_size = lr / (1.0 - beta1 ** t)                          # lr / bias correction 1
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
+    xp.sqrt(v, out=scratch)
+    scratch /= bias_correction2_sqrt
+    scratch += eps                                               # sqrt(v_hat) + eps
+    xp.divide(m, scratch, out=scratch)
+    scratch *= step_size                                         # lr m_hat / (sqrt(v_hat) + eps)
+    p -= scratch
+
+
+def _flat_if_possible(*arrays):
+    """1-D views of same-shaped row-major arrays (any shape splits into equal blocks), or
+    the arrays themselves when one is not row-major: reshaping it would copy, and an
+    update written into a copy would be lost."""
+    if all(a.flags.c_contiguous for a in arrays):
+        return tuple(a.reshape(-1) for a in arrays)
+    return arrays
 
 
 # --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from .softmax import SoftmaxCache, softmax_backward, softmax_forward
 
 
 class AttentionCache(NamedTuple):
-    q: object          # (B, H, Tq, D)
+    q: object          # (B, H, Tq, D) the queries, already multiplied by scale
     k: object          # (B, H, Tk, D)
     v: object          # (B, H, Tk, D)
     softmax: SoftmaxCache   # probabilities before dropout (B, H, Tq, Tk)
@@ -59,10 +59,11 @@ def attention_forward(q, k, v, n_head: int, dropout_p: float = 0.0, rng=None):
         raise ValueError(f"attention: incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}")
     scale = 1.0 / math.sqrt(C // n_head)
     qh, kh, vh = split_heads(q, n_head), split_heads(k, n_head), split_heads(v, n_head)  # (B, H, T, D)
+    qh = qh * scale                                     # scaling q (T*D numbers) is cheaper than
+                                                        # scaling the scores (T*T numbers)
     scores = qh @ kh.transpose(0, 1, 3, 2)              # (B, H, Tq, D) @ (B, H, D, Tk) -> (B, H, Tq, Tk)
-    scores *= scale
     scores += causal_mask_bias(Tq, Tk, xp, scores.dtype)  # future keys get -inf: weight exp(-inf) = 0
-    probs, softmax_cache = softmax_forward(scores)        # (B, H, Tq, Tk)
+    probs, softmax_cache = softmax_forward(scores, out=scores)  # in place: (B, H, Tq, Tk)
     probs_used, dropout_cache = dropout_forward(probs, dropout_p, rng)
     yh = probs_used @ vh                                  # (B, H, Tq, Tk) @ (B, H, Tk, D) -> (B, H, Tq, D)
     y = merge_heads(yh)                                   # (B, Tq, C)
@@ -75,19 +76,20 @@ def attention_backward(dy, cache: AttentionCache):
         yh = P' vh           ->  dP' = dyh vh^T,   dvh = P'^T dyh
         P' = dropout(P)      ->  dP  = dP' * mask
         P  = softmax(S)      ->  dS  = P * (dP - rowsum(dP * P))
-        S  = qh kh^T * scale ->  dqh = dS kh * scale,   dkh = dS^T qh * scale
+        S  = qs kh^T         ->  dqs = dS kh,      dkh = dS^T qs
+        qs = qh * scale      ->  dqh = dqs * scale
 
     Masked positions have P = 0, so they pass no gradient: the mask needs no backward.
     Returns: dq (B, Tq, C), dk (B, Tk, C), dv (B, Tk, C).
     """
-    qh, kh, vh, softmax_cache, dropout_cache, probs_used, scale = cache
-    H = qh.shape[1]
+    q_scaled, kh, vh, softmax_cache, dropout_cache, probs_used, scale = cache
+    H = q_scaled.shape[1]
     dyh = split_heads(dy, H)                                        # (B, H, Tq, D)
     dprobs_used = dyh @ vh.transpose(0, 1, 3, 2)                    # (B, H, Tq, Tk)
     dvh = probs_used.transpose(0, 1, 3, 2) @ dyh                    # (B, H, Tk, D)
     dprobs = dropout_backward(dprobs_used, dropout_cache)           # (B, H, Tq, Tk)
-    dscores = softmax_backward(dprobs, softmax_cache)               # (B, H, Tq, Tk)
-    dscores *= scale
+    dscores = softmax_backward(dprobs, softmax_cache, out=dprobs)   # in place: (B, H, Tq, Tk)
     dqh = dscores @ kh                                              # (B, H, Tq, D)
-    dkh = dscores.transpose(0, 1, 3, 2) @ qh                        # (B, H, Tk, D)
+    dqh *= scale
+    dkh = dscores.transpose(0, 1, 3, 2) @ q_scaled                  # (B, H, Tk, D)
     return merge_heads(dqh), merge_heads(dkh), merge_heads(dvh)

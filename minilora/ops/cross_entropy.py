@@ -8,6 +8,7 @@ masked out of an instruction-tuning loss.
 from typing import NamedTuple
 
 from ..backend import get_array_module
+from ..threads import map_row_blocks
 
 
 class CrossEntropyCache(NamedTuple):
@@ -16,6 +17,18 @@ class CrossEntropyCache(NamedTuple):
     keep: object      # (N,) 1.0 where the target counts, 0.0 where it is ignored
     count: int        # how many targets count
     shape: tuple      # the logits' original shape (..., V)
+
+
+def _softmax_and_log_prob_kernel(probs, log_probs_t, z, t):
+    """For a block of rows: probs = softmax(z) and log_probs_t = log softmax(z)[t],
+    in place (rows are independent, so blocks run on the CPU cores in parallel)."""
+    xp = get_array_module(z)
+    xp.subtract(z, z.max(axis=-1, keepdims=True), out=probs)   # stable: the max exponent is 0
+    shifted_t = probs[xp.arange(z.shape[0]), t]                 # (n,) the targets' shifted logits
+    xp.exp(probs, out=probs)
+    sumexp = probs.sum(axis=-1)                                 # (n,)
+    probs /= sumexp[:, None]                                    # (n, V) softmax
+    xp.subtract(shifted_t, xp.log(sumexp), out=log_probs_t)     # (n,) log softmax at the targets
 
 
 def cross_entropy_forward(logits, targets, ignore_index: int = -100):
@@ -42,12 +55,9 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -100):
         raise ValueError(f"cross_entropy: target ids must lie in [0, {V}) or equal ignore_index "
                          f"({ignore_index}); got {int(t[bad][0])}")
     t = xp.where(keep, t, 0)
-    probs = z - z.max(axis=-1, keepdims=True)                  # stable: the max exponent is 0
-    shifted_t = probs[xp.arange(z.shape[0]), t]                 # (N,) the targets' shifted logits
-    xp.exp(probs, out=probs)
-    sumexp = probs.sum(axis=-1)                                 # (N,)
-    probs /= sumexp[:, None]                                    # (N, V) softmax
-    log_probs_t = shifted_t - xp.log(sumexp)                    # (N,) log softmax at the targets
+    probs = xp.empty(z.shape, dtype=z.dtype)                    # (N, V)
+    log_probs_t = xp.empty(t.shape, dtype=z.dtype)              # (N,)
+    map_row_blocks(_softmax_and_log_prob_kernel, probs, log_probs_t, z, t)
     keep_f = keep.astype(z.dtype)
     loss = -float((log_probs_t * keep_f).sum()) / count
     return loss, CrossEntropyCache(probs, t, keep_f, count, logits.shape)

@@ -1,38 +1,75 @@
 """Softmax over the last axis, computed stably.
 
 Shapes: x (..., K), p (..., K) with each row summing to one.
+
+Rows are independent, so each direction is a kernel over a block of rows that
+``map_row_blocks`` runs on the CPU cores in parallel (see :mod:`minilora.threads`).
 """
 from typing import NamedTuple
 
+import numpy as np
+
 from ..backend import get_array_module
+from ..threads import as_rows, map_row_blocks
 
 
 class SoftmaxCache(NamedTuple):
     p: object  # (..., K) the probabilities: backward needs only them
 
 
-def softmax_forward(x):
-    """p = exp(x - max x) / sum exp(x - max x).
+def _softmax_kernel(p, x):
+    """p = exp(x - max x) / sum exp(x - max x), row by row, in place in p."""
+    xp = get_array_module(x)
+    xp.subtract(x, x.max(axis=-1, keepdims=True), out=p)
+    xp.exp(p, out=p)
+    p /= p.sum(axis=-1, keepdims=True)
+
+
+def _softmax_backward_kernel(dx, dp, p):
+    """dx = p * (dp - rowsum(dp * p)), in place in dx."""
+    xp = get_array_module(p)
+    xp.multiply(dp, p, out=dx)                         # dp_j p_j
+    dx -= p * dx.sum(axis=-1, keepdims=True)           # - p_j sum_i dp_i p_i
+
+
+def softmax_forward(x, out=None):
+    """p = softmax(x) over the last axis; ``out=x`` computes it in place, over x.
 
     Subtracting the row maximum changes nothing mathematically (it cancels between the
     numerator and the denominator) but keeps exp() from overflowing: the largest exponent
     is exp(0) = 1. A row of -inf (a fully masked row) is not allowed.
     """
-    xp = get_array_module(x)
-    p = x - x.max(axis=-1, keepdims=True)     # a new array, so the rest can work in place
-    xp.exp(p, out=p)
-    p /= p.sum(axis=-1, keepdims=True)
+    p = _output(x, out)
+    map_row_blocks(_softmax_kernel, as_rows(p), as_rows(x))
     return p, SoftmaxCache(p)
 
 
-def softmax_backward(dp, cache: SoftmaxCache):
+def softmax_backward(dp, cache: SoftmaxCache, out=None):
     """The Jacobian of softmax is dp_i/dx_j = p_i (delta_ij - p_j), so
 
         dx_j = sum_i dp_i p_i (delta_ij - p_j) = p_j (dp_j - sum_i dp_i p_i)
 
     -- one elementwise product and one row-sum, never the (K, K) Jacobian itself.
+    ``out=dp`` computes dx in place, over dp. dp may also broadcast against p: with p of
+    shape (K,) and dp the (K, K) identity, row i of dx is row i of the Jacobian's
+    transpose.
     """
     p = cache.p
-    dx = dp * p                                        # dp_j p_j
-    dx -= p * dx.sum(axis=-1, keepdims=True)           # - p_j sum_i dp_i p_i
+    if dp.shape != p.shape:                  # broadcasting: one whole-array call
+        xp = get_array_module(p)
+        dx = xp.empty(np.broadcast_shapes(dp.shape, p.shape), dtype=p.dtype)
+        _softmax_backward_kernel(dx, dp, p)
+        return dx
+    dx = _output(p, out)
+    map_row_blocks(_softmax_backward_kernel, as_rows(dx), as_rows(dp), as_rows(p))
     return dx
+
+
+def _output(like, out):
+    """A fresh row-major array shaped like ``like``, or ``out`` after checking it."""
+    if out is None:
+        return get_array_module(like).empty(like.shape, dtype=like.dtype)
+    if out.shape != like.shape or out.dtype != like.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"softmax: out must be a row-major {like.dtype} array of shape "
+                         f"{like.shape}, got {out.dtype} {out.shape}")
+    return out
