@@ -15,7 +15,7 @@ import minilora as ml
 from minilora import threads
 from minilora.nn import Parameter
 from minilora.ops import (cross_entropy_backward, cross_entropy_forward, gelu_backward, gelu_forward,
-                          softmax_backward, softmax_forward)
+                          layernorm_backward, layernorm_forward, softmax_backward, softmax_forward)
 from minilora.optim import AdamW
 
 
@@ -188,6 +188,20 @@ def test_softmax_out_is_checked(out):
     x = np.zeros((2, 3, 5, 9))
     with pytest.raises(ValueError, match="softmax: out must be"):
         softmax_forward(x, out=out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layernorm_split_equals_unsplit(dtype):
+    x = (RNG.standard_normal((3, 7, 10)) * 2 + 1).astype(dtype)
+    weight, bias = RNG.standard_normal(10).astype(dtype), RNG.standard_normal(10).astype(dtype)
+    dy = RNG.standard_normal(x.shape).astype(dtype)
+
+    def run():
+        y, cache = layernorm_forward(x, weight, bias)
+        return (y, cache.xhat, cache.rstd) + layernorm_backward(dy, cache)
+
+    for single, split in zip(*one_thread_then_three(run)):
+        np.testing.assert_array_equal(single, split)
 
 
 def test_cross_entropy_split_equals_unsplit():

@@ -1,10 +1,17 @@
 """Layer normalisation over the last axis (GPT-2 uses eps = 1e-5).
 
 Shapes: x (..., C), weight (C,), bias (C,), y (..., C); mean and rstd (..., 1).
+
+Every row is normalised on its own, so the per-row math is a kernel over a block of
+rows that ``map_row_blocks`` runs on the CPU cores in parallel (see
+:mod:`minilora.threads`); only the parameter gradients, sums over all rows, are taken
+outside it.
 """
+import functools
 from typing import NamedTuple
 
 from ..backend import get_array_module
+from ..threads import as_rows, map_row_blocks
 
 
 class LayerNormCache(NamedTuple):
@@ -13,17 +20,37 @@ class LayerNormCache(NamedTuple):
     weight: object  # (C,)
 
 
+def _layernorm_kernel(y, xhat, rstd, x, *, weight, bias, eps):
+    """For a block of rows, in place: xhat = (x - mean) * rstd, y = xhat * weight + bias."""
+    xp = get_array_module(x)
+    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)  # (n, C) centred
+    xp.multiply(xhat, xhat, out=y)                             # y is scratch for the squares
+    var = y.mean(axis=-1, keepdims=True)                       # (n, 1) biased variance
+    xp.divide(1.0, xp.sqrt(var + eps), out=rstd)               # (n, 1)
+    xhat *= rstd                                               # (n, C) normalised
+    xp.multiply(xhat, weight, out=y)
+    y += bias
+
+
+def _layernorm_backward_kernel(dx, dy, xhat, rstd, *, weight):
+    """For a block of rows, in place:
+    dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * weight."""
+    dxhat = dy * weight                                        # (n, C)
+    get_array_module(dy).subtract(dxhat, dxhat.mean(axis=-1, keepdims=True), out=dx)
+    dxhat *= xhat
+    dx -= xhat * dxhat.mean(axis=-1, keepdims=True)
+    dx *= rstd
+
+
 def layernorm_forward(x, weight, bias, eps: float = 1e-5):
     """y = (x - mean) / sqrt(var + eps) * weight + bias, statistics over the last axis
     (the biased variance, as GPT-2 and PyTorch use)."""
     xp = get_array_module(x)
-    mean = x.mean(axis=-1, keepdims=True)            # (..., 1)
-    xhat = x - mean                                  # (..., C) centred; normalised below
-    var = (xhat * xhat).mean(axis=-1, keepdims=True) # (..., 1)
-    rstd = 1.0 / xp.sqrt(var + eps)                  # (..., 1)
-    xhat *= rstd                                     # (..., C)
-    y = xhat * weight
-    y += bias
+    y = xp.empty(x.shape, dtype=xp.result_type(x, weight, bias))   # (..., C)
+    xhat = xp.empty(x.shape, dtype=x.dtype)                         # (..., C)
+    rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)             # (..., 1)
+    kernel = functools.partial(_layernorm_kernel, weight=weight, bias=bias, eps=eps)
+    map_row_blocks(kernel, as_rows(y), as_rows(xhat), as_rows(rstd), as_rows(x))
     return y, LayerNormCache(xhat, rstd, weight)
 
 
@@ -38,12 +65,12 @@ def layernorm_backward(dy, cache: LayerNormCache, need_dweight: bool = True, nee
     both depend on every element of the row, which is why two row-means appear.
     """
     xhat, rstd, weight = cache
+    xp = get_array_module(xhat)
     C = xhat.shape[-1]
     dweight = (dy * xhat).reshape(-1, C).sum(axis=0) if need_dweight else None  # (C,)
     dbias = dy.reshape(-1, C).sum(axis=0) if need_dbias else None               # (C,)
-    dxhat = dy * weight                                                          # (..., C)
-    dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-    dxhat *= xhat
-    dx -= xhat * dxhat.mean(axis=-1, keepdims=True)
-    dx *= rstd
+    dx = xp.empty(xhat.shape, dtype=xp.result_type(dy, weight))                 # (..., C)
+    dy = xp.broadcast_to(dy, xhat.shape)
+    kernel = functools.partial(_layernorm_backward_kernel, weight=weight)
+    map_row_blocks(kernel, as_rows(dx), as_rows(dy), as_rows(xhat), as_rows(rstd))
     return dx, dweight, dbias
