@@ -4,9 +4,10 @@
 
 Shapes: x (...), y (...) -- elementwise.
 
-Each direction is a *kernel* that writes its result in place into an output array, with
-no temporaries beyond one scratch block; ``map_row_blocks`` runs it on blocks of rows in
-parallel on the CPU cores (see :mod:`minilora.threads`). The kernels are the whole math.
+Each direction is a *kernel* that writes its result in place into an output array (the
+forward needs no scratch array, the backward two); ``map_row_blocks`` runs it on blocks
+of rows in parallel on the CPU cores (see :mod:`minilora.threads`). The kernels are the
+whole math.
 """
 import math
 from typing import NamedTuple
