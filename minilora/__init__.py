@@ -9,10 +9,11 @@
 import os as _os
 
 # minilora runs elementwise kernels on threads between matrix products (threads.py), but
-# OpenBLAS's idle workers spin for ~0.1 s after each product on the very cores those
-# threads need. This lets them sleep at once. It takes effect only when NumPy is first
-# imported after this line (as with the `minilora` command), and a value already set wins.
-_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# OpenBLAS's idle workers spin for ~0.1 s (2^28 cycles) after each product, on the very
+# cores those threads need. 2^20 cycles (~0.4 ms) still bridges back-to-back products,
+# then lets them sleep. It takes effect only when NumPy is first imported after this line
+# (as with the `minilora` command), and a value already set wins.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 from . import threads
 from .backend import cuda_available, to_numpy
