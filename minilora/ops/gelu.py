@@ -86,4 +86,3 @@ def gelu_backward(dy, cache: GeluCache):
     dy = xp.broadcast_to(dy, x.shape)               # dy may broadcast (a scalar, say)
     map_row_blocks(_gelu_backward_kernel, as_rows(dx), as_rows(dy), as_rows(x))
     return dx
-

@@ -39,7 +39,7 @@ def softmax_forward(x, out=None):
     numerator and the denominator) but keeps exp() from overflowing: the largest exponent
     is exp(0) = 1. A row of -inf (a fully masked row) is not allowed.
     """
-    p = _output(x, out)
+    p = _output(x.shape, x.dtype, get_array_module(x), out)
     map_row_blocks(_softmax_kernel, as_rows(p), as_rows(x))
     return p, SoftmaxCache(p)
 
@@ -55,21 +55,19 @@ def softmax_backward(dp, cache: SoftmaxCache, out=None):
     transpose.
     """
     p = cache.p
-    if dp.shape != p.shape:                  # broadcasting: one whole-array call
-        xp = get_array_module(p)
-        dx = xp.empty(np.broadcast_shapes(dp.shape, p.shape), dtype=p.dtype)
-        _softmax_backward_kernel(dx, dp, p)
-        return dx
-    dx = _output(p, out)
-    map_row_blocks(_softmax_backward_kernel, as_rows(dx), as_rows(dp), as_rows(p))
+    xp = get_array_module(p)
+    shape = np.broadcast_shapes(dp.shape, p.shape)
+    dx = _output(shape, p.dtype, xp, out)
+    map_row_blocks(_softmax_backward_kernel, as_rows(dx),
+                   as_rows(xp.broadcast_to(dp, shape)), as_rows(xp.broadcast_to(p, shape)))
     return dx
 
 
-def _output(like, out):
-    """A fresh row-major array shaped like ``like``, or ``out`` after checking it."""
+def _output(shape, dtype, xp, out):
+    """A fresh row-major array of this shape and dtype, or ``out`` after checking it."""
     if out is None:
-        return get_array_module(like).empty(like.shape, dtype=like.dtype)
-    if out.shape != like.shape or out.dtype != like.dtype or not out.flags.c_contiguous:
-        raise ValueError(f"softmax: out must be a row-major {like.dtype} array of shape "
-                         f"{like.shape}, got {out.dtype} {out.shape}")
+        return xp.empty(shape, dtype=dtype)
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"softmax: out must be a row-major {dtype} array of shape "
+                         f"{shape}, got {out.dtype} {out.shape}")
     return out
