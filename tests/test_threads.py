@@ -271,3 +271,8 @@ def test_softmax_backward_still_broadcasts():
     p, cache = softmax_forward(RNG.standard_normal(6))
     jacobian = np.diag(p) - np.outer(p, p)
     np.testing.assert_allclose(softmax_backward(np.eye(6), cache), jacobian, atol=1e-15)
+    out = np.empty((6, 6))
+    assert softmax_backward(np.eye(6), cache, out=out) is out
+    np.testing.assert_allclose(out, jacobian, atol=1e-15)
+    with pytest.raises(ValueError, match="softmax: out must be"):
+        softmax_backward(np.eye(6), cache, out=np.empty(6))
