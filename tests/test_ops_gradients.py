@@ -103,6 +103,22 @@ def test_layernorm_normalises(device):
     assert float(xp.abs(y.var(-1) - 1.0).max()) < 1e-5  # eps shifts the variance slightly
 
 
+@pytest.mark.parametrize("dy_shape", [(), (5,), (1, 4, 5)])
+def test_layernorm_backward_with_a_broadcasting_dy_matches_the_full_one(device, dy_shape):
+    """A dy that broadcasts against the output (a scalar, one row) must give the same
+    three gradients as that dy written out in full: dbias sums it over every row."""
+    rng = np.random.default_rng(1)
+    x = randn(rng, 3, 4, 5, device=device)
+    weight, bias = randn(rng, 5, device=device), randn(rng, 5, device=device)
+    _, cache = layernorm_forward(x, weight, bias, 1e-5)
+    xp = backend.get_array_module(x)
+    dy = randn(rng, *dy_shape, device=device) if dy_shape else xp.asarray(0.7)
+    small = layernorm_backward(dy, cache)
+    full = layernorm_backward(xp.broadcast_to(dy, x.shape).copy(), cache)
+    for name, a, b in zip(("dx", "dweight", "dbias"), small, full):
+        np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(b), rtol=1e-12, atol=1e-14,
+                                   err_msg=name)
+
 @given(seeds, batch, time, features)
 def test_gelu(device, seed, B, T, C):
     """Inputs in [-4, 4]: below about -4, ``1 + tanh(u)`` cancels to a few significant

@@ -23,10 +23,16 @@ class LayerNormCache(NamedTuple):
 def _layernorm_kernel(y, xhat, rstd, x, *, weight, bias, eps):
     """For a block of rows, in place: xhat = (x - mean) * rstd, y = xhat * weight + bias."""
     xp = get_array_module(x)
-    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)  # (n, C) centred
-    xp.multiply(xhat, xhat, out=y)                             # y is scratch for the squares
-    var = y.mean(axis=-1, keepdims=True)                       # (n, 1) biased variance
-    xp.divide(1.0, xp.sqrt(var + eps), out=rstd)               # (n, 1)
+    C = x.shape[-1]
+    mean = x.sum(axis=-1, keepdims=True)                       # (n, 1)
+    mean *= 1.0 / C
+    xp.subtract(x, mean, out=xhat)                             # (n, C) centred
+    # The biased variance mean(xhat^2), as row-wise dot products: einsum multiplies and
+    # sums in one pass and never writes the (n, C) squares to memory.
+    var = xp.einsum("ij,ij->i", xhat, xhat)[:, None]           # (n, 1)
+    var *= 1.0 / C
+    var += eps
+    xp.divide(1.0, xp.sqrt(var, out=var), out=rstd)            # (n, 1)
     xhat *= rstd                                               # (n, C) normalised
     xp.multiply(xhat, weight, out=y)
     y += bias
@@ -35,10 +41,16 @@ def _layernorm_kernel(y, xhat, rstd, x, *, weight, bias, eps):
 def _layernorm_backward_kernel(dx, dy, xhat, rstd, *, weight):
     """For a block of rows, in place:
     dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * weight."""
-    dxhat = dy * weight                                        # (n, C)
-    get_array_module(dy).subtract(dxhat, dxhat.mean(axis=-1, keepdims=True), out=dx)
-    dxhat *= xhat
-    dx -= xhat * dxhat.mean(axis=-1, keepdims=True)
+    xp = get_array_module(xhat)
+    C = xhat.shape[-1]
+    dxhat = dy * weight                                        # (n, C) the one scratch array
+    mean_dxhat = dxhat.sum(axis=-1, keepdims=True)             # (n, 1)
+    mean_dxhat *= 1.0 / C
+    mean_dxhat_xhat = xp.einsum("ij,ij->i", dxhat, xhat)[:, None]   # (n, 1), no (n, C) product
+    mean_dxhat_xhat *= 1.0 / C
+    xp.multiply(xhat, mean_dxhat_xhat, out=dx)                 # xhat * mean(dxhat * xhat)
+    xp.subtract(dxhat, dx, out=dx)
+    dx -= mean_dxhat
     dx *= rstd
 
 
@@ -66,11 +78,12 @@ def layernorm_backward(dy, cache: LayerNormCache, need_dweight: bool = True, nee
     """
     xhat, rstd, weight = cache
     xp = get_array_module(xhat)
-    C = xhat.shape[-1]
-    dweight = (dy * xhat).reshape(-1, C).sum(axis=0) if need_dweight else None  # (C,)
-    dbias = dy.reshape(-1, C).sum(axis=0) if need_dbias else None               # (C,)
-    dx = xp.empty(xhat.shape, dtype=xp.result_type(dy, weight))                 # (..., C)
-    dy = xp.broadcast_to(dy, xhat.shape)
+    dy = xp.broadcast_to(dy, xhat.shape)                # dy may broadcast (a scalar, say)
+    dy_rows, xhat_rows = as_rows(dy), as_rows(xhat)      # (N, C)
+    # sum over rows of dy * xhat, without the (N, C) product as a temporary
+    dweight = xp.einsum("nc,nc->c", dy_rows, xhat_rows) if need_dweight else None  # (C,)
+    dbias = dy_rows.sum(axis=0) if need_dbias else None                           # (C,)
+    dx = xp.empty(xhat.shape, dtype=xp.result_type(dy, weight))                    # (..., C)
     kernel = functools.partial(_layernorm_backward_kernel, weight=weight)
-    map_row_blocks(kernel, as_rows(dx), as_rows(dy), as_rows(xhat), as_rows(rstd))
+    map_row_blocks(kernel, as_rows(dx), dy_rows, xhat_rows, as_rows(rstd))
     return dx, dweight, dbias
