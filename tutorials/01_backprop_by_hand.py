@@ -136,7 +136,13 @@ assert np.allclose(dx, dy @ W.T) and np.allclose(dW, x.reshape(-1, C).T @ dy.res
 # $$\text{gelu}'(x) = \tfrac12 (1 + \tanh u) + \tfrac12 x\,(1 - \tanh^2 u)\,\frac{du}{dx},
 #   \qquad \frac{du}{dx} = \sqrt{2/\pi}\,(1 + 3 \cdot 0.044715\, x^2).$$
 #
-# The forward keeps $\tanh u$ in its cache, so backward does not compute it again.
+# minilora computes the same function in another form: $\tanh u = 2\sigma(2u) - 1$, so
+# $\tfrac12(1 + \tanh u) = \sigma(2u)$ and $\text{gelu}(x) = x\,\sigma(2u)$, with
+# $\sigma(z) = 1/(1 + e^{-z})$. One `exp` replaces one `tanh` (cheaper in NumPy), and for
+# negative $x$ nothing cancels. With $s = \sigma(2u)$ and $\sigma' = \sigma(1 - \sigma)$ the
+# derivative reads $s + x\,s(1 - s)\,2\,du/dx$ — the formula above, rewritten. The cache
+# keeps only $x$: backward recomputes $s$ (one `exp`) instead of storing another
+# activation the size of the MLP's hidden layer.
 
 # %%
 x = randn(B, T, 4 * C)                        # GELU sits inside the MLP, on 4C features
