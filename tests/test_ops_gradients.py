@@ -183,6 +183,49 @@ def test_attention(device, seed, B, Tq, extra_keys, H, D):
                                            {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}, dy))
 
 
+@given(seeds, batch, st.integers(1, 9), st.integers(0, 3), heads, head_size, st.integers(1, 4))
+def test_attention_in_query_blocks(device, seed, B, Tq, extra_keys, H, D, query_block):
+    """Cut into blocks of query rows, attention gives the one-block (full-matrix) result
+    and its gradients, and passes a gradient check itself."""
+    rng = np.random.default_rng(seed)
+    Tk, C = Tq + extra_keys, H * D
+    q, k, v = randn(rng, B, Tq, C, device=device), randn(rng, B, Tk, C, device=device), randn(rng, B, Tk, C, device=device)
+    y, cache = attention_forward(q, k, v, H, query_block=query_block)
+    y_full, cache_full = attention_forward(q, k, v, H, query_block=Tq)
+    assert len(cache.blocks) == -(-Tq // query_block) and len(cache_full.blocks) == 1
+    dy = randn(rng, *y.shape, device=device)
+    grads, grads_full = attention_backward(dy, cache), attention_backward(dy, cache_full)
+    for name, a, b in zip(("y", "dq", "dk", "dv"), (y, *grads), (y_full, *grads_full)):
+        np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(b), rtol=0, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(backend.to_numpy(cache.probabilities()),
+                               backend.to_numpy(cache_full.probabilities()), rtol=0, atol=1e-14)
+    assert_gradients_match(check_gradients(lambda: attention_forward(q, k, v, H, query_block=query_block)[0],
+                                           {"q": q, "k": k, "v": v}, dict(zip("qkv", grads)), dy))
+
+
+def test_attention_blocks_skip_the_future_keys(device):
+    """Blocks of 2 queries over 5 keys (2 cached, 3 new): each block's scores stop at the
+    last key its last query may see."""
+    rng = np.random.default_rng(0)
+    q, k, v = randn(rng, 1, 3, 4, device=device), randn(rng, 1, 5, 4, device=device), randn(rng, 1, 5, 4, device=device)
+    _, cache = attention_forward(q, k, v, 2, query_block=2)
+    assert [(b.start, b.stop, b.keys) for b in cache.blocks] == [(0, 2, 4), (2, 3, 5)]
+    assert [b.softmax.p.shape for b in cache.blocks] == [(1, 2, 2, 4), (1, 2, 1, 5)]
+    P = backend.to_numpy(cache.probabilities())                 # (1, 2, 3, 5)
+    np.testing.assert_allclose(P.sum(-1), 1.0, rtol=0, atol=1e-14)
+    assert (P[..., 0, 3:] == 0).all() and (P[..., 1, 4:] == 0).all() and (P[..., 2, :] > 0).all()
+
+
+def test_attention_refuses_bad_blocks_and_empty_queries(device):
+    rng = np.random.default_rng(0)
+    x = randn(rng, 1, 3, 4, device=device)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="query_block"):
+            attention_forward(x, x, x, 2, query_block=bad)
+    with pytest.raises(ValueError, match="incompatible shapes"):
+        attention_forward(x[:, :0], x, x, 2)
+
+
 def test_attention_is_causal(device):
     """Changing a future token's key or value changes no earlier output."""
     rng = np.random.default_rng(0)

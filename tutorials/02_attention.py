@@ -195,12 +195,15 @@ for d in (16, 64):
 #
 # `attention_forward(q, k, v, n_head)` takes $q, k, v$ of shape (B, T, C), splits the
 # channels into H heads of size D, applies the formula above per head, and joins the
-# heads again. Its cache keeps the probabilities, so we can look at them.
+# heads again. Its cache keeps the probabilities, so we can look at them
+# (`cache.probabilities()`: for long sequences the op computes them in blocks of query
+# rows and skips the blocks above the diagonal, which the mask would zero anyway — see
+# `minilora/ops/attention.py`).
 
 # %%
 q, k, v = randn(B, T, C), randn(B, T, C), randn(B, T, C)
 y, cache = attention_forward(q, k, v, n_head=H)          # (B, T, C)
-P = cache.softmax.p                                       # (B, H, T, T) probabilities
+P = cache.probabilities()                                 # (B, H, T, T) probabilities
 np.set_printoptions(precision=2, suppress=True, linewidth=120)
 print("attention probabilities, batch 0, head 0:\n", P[0, 0])
 upper = np.triu(np.ones((T, T), dtype=bool), k=1)         # the future: j > i
