@@ -446,8 +446,8 @@ def minilora_adamw(model) -> "ml.AdamW":
 def minilora_train_step(model, opt, idx, targets) -> float:
     """One training step: forward, cross-entropy, backward, AdamW."""
     model.zero_grad()                          # as PyTorch's zero_grad(set_to_none=True)
-    logits = model.forward(idx)                # (B, T, V)
-    loss, dlogits = ml.cross_entropy(logits, targets)
+    loss, dlogits = ml.cross_entropy(model.forward(idx), targets)   # as minilora.train: the
+    # logits (B, T, V) are not held through backward, which needs only dlogits
     model.backward(dlogits)
     opt.step()
     return loss
@@ -465,8 +465,9 @@ def torch_adamw(tm):
 def torch_train_step(tm, opt, idx_t, targets_t) -> None:
     """One training step: forward, cross-entropy, backward, AdamW (PyTorch eager)."""
     opt.zero_grad(set_to_none=True)
-    logits = tm(idx_t)                                                    # (B, T, V)
-    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets_t.view(-1))
+    # The logits (B, T, V) get no name, as on minilora's side, so autograd alone decides
+    # what stays alive through backward (log_softmax keeps its output, not its input).
+    loss = F.cross_entropy(tm(idx_t).flatten(0, 1), targets_t.flatten())
     loss.backward()
     opt.step()
 
@@ -509,8 +510,7 @@ def inference_flops(bc: BenchConfig) -> int:
 
 def minilora_loss_and_grads(model, idx, targets) -> Tuple[float, Dict[str, np.ndarray]]:
     model.zero_grad()
-    logits = model.forward(idx)
-    loss, dlogits = ml.cross_entropy(logits, targets)
+    loss, dlogits = ml.cross_entropy(model.forward(idx), targets)
     model.backward(dlogits)
     grads = {n: backend.to_numpy(p.grad).copy() for n, p in model.named_parameters() if p.grad is not None}
     return float(loss), grads
