@@ -35,15 +35,19 @@ def split_everything():
 
 
 def one_thread_then_three(fn):
-    """fn() with one thread and with three, as two results."""
-    old = threads.get_num_threads()
+    """fn() with one thread and whole blocks, then with three threads that each call
+    their kernel on chunks of a few rows: two results."""
+    old, old_chunk = threads.get_num_threads(), threads.CHUNK_SIZE
     try:
         threads.set_num_threads(1)
+        threads.CHUNK_SIZE = 1 << 40
         single = fn()
         threads.set_num_threads(3)
+        threads.CHUNK_SIZE = 24
         split = fn()
     finally:
         threads.set_num_threads(old)
+        threads.CHUNK_SIZE = old_chunk
     return single, split
 
 
@@ -59,6 +63,25 @@ def test_map_row_blocks_covers_every_row_once(split_everything):
     threads.map_row_blocks(kernel, out, x)
     assert sorted(seen) == [2, 2, 3]               # 7 rows in three blocks
     np.testing.assert_array_equal(out, 2 * x)
+
+
+def test_each_thread_calls_the_kernel_on_chunks_of_whole_rows(split_everything, monkeypatch):
+    monkeypatch.setattr(threads, "CHUNK_SIZE", 10)     # two rows of 5
+    seen = []
+
+    def kernel(out, x):
+        seen.append(x.shape)
+        out[...] = 2 * x
+
+    x = np.arange(7 * 5, dtype=np.float32).reshape(7, 5)
+    out = np.zeros_like(x)
+    threads.map_row_blocks(kernel, out, x)             # blocks of 2, 2, 3 rows
+    assert sorted(seen) == [(1, 5)] + [(2, 5)] * 3
+    np.testing.assert_array_equal(out, 2 * x)
+    seen.clear()
+    monkeypatch.setattr(threads, "CHUNK_SIZE", 3)      # shorter than a row: one row a call
+    threads.map_row_blocks(kernel, out, x)
+    assert seen == [(1, 5)] * 7
 
 
 def test_map_row_blocks_does_not_split_small_arrays_or_one_thread(monkeypatch):
