@@ -446,8 +446,9 @@ def minilora_adamw(model) -> "ml.AdamW":
 def minilora_train_step(model, opt, idx, targets) -> float:
     """One training step: forward, cross-entropy, backward, AdamW."""
     model.zero_grad()                          # as PyTorch's zero_grad(set_to_none=True)
-    loss, dlogits = ml.cross_entropy(model.forward(idx), targets)   # as minilora.train: the
-    # logits (B, T, V) are not held through backward, which needs only dlogits
+    # As minilora.train: dlogits is computed over the logits (B, T, V), which nothing
+    # needs afterwards, so the step never holds two arrays of that size.
+    loss, dlogits = ml.cross_entropy(model.forward(idx), targets, overwrite_logits=True)
     model.backward(dlogits)
     opt.step()
     return loss

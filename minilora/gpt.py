@@ -254,6 +254,7 @@ class GPT(Module):
             # it (the embedding's scatter-add, AdamW's update) stride across memory, ~10x slower.
             V, C = wte.shape
             wte.accumulate_grad(dlogits.reshape(-1, V).T @ cache.x.reshape(-1, C))  # (V, C)
+        del cache                             # the head's input: not needed past here
         dx = self.ln_f.backward(dx)           # (B, T, C)
         for block in reversed(list(self.blocks)):
             dx = block.backward(dx)
@@ -331,13 +332,18 @@ def _sample(logits: np.ndarray, temperature: float, top_k, top_p, rng: np.random
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
 
 
-def cross_entropy(logits, targets, ignore_index: int = -100):
+def cross_entropy(logits, targets, ignore_index: int = -100, overwrite_logits: bool = False):
     """Mean softmax cross-entropy and its gradient, in one call.
 
     Returns ``(loss, dlogits)``: loss a float, dlogits shaped like logits (B, T, V).
+    ``overwrite_logits=True`` computes dlogits in the logits' own memory (the returned
+    dlogits *is* that array, and the logits are gone): a training step that needs the
+    logits no more then never holds two arrays of that size -- in a small model the
+    largest of its step (minilora's training loop does this).
     """
     xp = backend.get_array_module(logits)
     if backend.get_array_module(targets) is not xp:
         targets = backend.to_device(targets, backend.device_of(logits))
-    loss, cache = cross_entropy_forward(logits, targets, ignore_index)
+    loss, cache = cross_entropy_forward(logits, targets, ignore_index,
+                                        out=logits if overwrite_logits else None)
     return loss, cross_entropy_backward(1.0, cache, reuse_cache=True)  # the cache is ours alone

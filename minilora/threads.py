@@ -121,7 +121,8 @@ def _run_block(kernel: Callable, block, chunk_rows: int) -> None:
         _inside.active = False
 
 
-def map_row_blocks(kernel: Callable, *arrays, min_size: Optional[int] = None) -> None:
+def map_row_blocks(kernel: Callable, *arrays, min_size: Optional[int] = None,
+                   chunk_size: Optional[int] = None) -> None:
     """Call ``kernel(*blocks)`` on row blocks of ``arrays``, one block per thread.
 
     All arrays must have the same length along their first axis; outputs must be arrays
@@ -129,8 +130,9 @@ def map_row_blocks(kernel: Callable, *arrays, min_size: Optional[int] = None) ->
     block itself while pool threads compute the others, and the call returns when all
     are done (re-raising the first error, after every block has finished). Arrays of
     fewer than ``min_size`` elements (default :data:`MIN_PARALLEL_SIZE`) are not split
-    across threads. Every thread calls the kernel on chunks of about
-    :data:`CHUNK_SIZE` elements of its block (whole rows); CuPy arrays get one call.
+    across threads. Every thread calls the kernel on chunks of about ``chunk_size``
+    elements of its block (whole rows; default :data:`CHUNK_SIZE`; a kernel with large
+    scratch arrays asks for less); CuPy arrays get one call.
     """
     first = arrays[0]
     n_rows = first.shape[0]
@@ -140,7 +142,7 @@ def map_row_blocks(kernel: Callable, *arrays, min_size: Optional[int] = None) ->
     if not isinstance(first, np.ndarray) or n_rows == 0 or getattr(_inside, "active", False):
         kernel(*arrays)          # a GPU kernel is parallel already; never split a block again
         return
-    chunk_rows = max(1, CHUNK_SIZE // max(1, first.size // n_rows))
+    chunk_rows = max(1, (chunk_size or CHUNK_SIZE) // max(1, first.size // n_rows))
     threads = min(get_num_threads(), n_rows)
     if min_size is None:
         min_size = MIN_PARALLEL_SIZE

@@ -4,7 +4,7 @@ a resume that continues exactly where a run stopped.
 One step, as it is written below:
 
     x, y   = train_batches(rng)                     # (B, T) token ids, (B, T) targets
-    loss, dlogits = cross_entropy(model.forward(x), y)   # a float, (B, T, V)
+    loss, dlogits = cross_entropy(model.forward(x), y, overwrite_logits=True)  # a float, (B, T, V)
     model.zero_grad(); model.backward(dlogits)      # fills .grad of trainable parameters
     clip_grad_norm(params, grad_clip)               # bound the length of the step
     optimizer.lr = warmup_cosine_lr(step, ...)      # the schedule sets the rate
@@ -564,9 +564,9 @@ def train(model: Module, train_batches: Callable[[np.random.Generator], Batch],
                 raise ValueError(f"train_batches gave a batch of {x.shape[0]} rows; "
                                  f"TrainConfig.batch_size is {config.batch_size}")
             x, y = backend.to_device(x, device), backend.to_device(y, device)
-            # No name for the logits: nothing holds them through backward, which needs
-            # only dlogits -- (B, T, V) arrays are a small model's largest.
-            loss, dlogits = cross_entropy(model.forward(x), y)   # float, (B, T, V)
+            # dlogits is computed over the logits, which nothing needs afterwards:
+            # (B, T, V) arrays are a small model's largest, and one is enough.
+            loss, dlogits = cross_entropy(model.forward(x), y, overwrite_logits=True)  # float, (B, T, V)
             if not math.isfinite(loss):
                 raise diverged("loss", loss, step)
             model.zero_grad()

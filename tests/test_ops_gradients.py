@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import minilora as ml
 from minilora import backend
 from minilora.gradcheck import check_gradients, numerical_gradient, relative_error
 from minilora.ops import (attention_backward, attention_forward, cross_entropy_backward,
@@ -281,6 +282,27 @@ def test_cross_entropy_value_and_ignore_index(device):
         cross_entropy_forward(backend.to_device(logits, device), backend.to_device(np.array([[0, 3]]), device))
     with pytest.raises(ValueError, match="shape"):
         cross_entropy_forward(backend.to_device(logits, device), backend.to_device(np.array([0, 1]), device))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cross_entropy_over_the_logits_equals_a_fresh_one(device, dtype):
+    """``overwrite_logits=True`` gives the same loss and dlogits, bit for bit, in the
+    logits' own memory; an ``out`` of the wrong shape, dtype or layout is refused."""
+    rng = np.random.default_rng(3)
+    logits = randn(rng, 2, 3, 7, device=device).astype(dtype)
+    targets = backend.to_device(np.array([[0, 6, -100], [3, 3, 1]]), device)
+    kept = logits.copy()
+    loss, dlogits = ml.cross_entropy(logits, targets)
+    np.testing.assert_array_equal(backend.to_numpy(logits), backend.to_numpy(kept))   # untouched
+    loss_in_place, dlogits_in_place = ml.cross_entropy(logits, targets, overwrite_logits=True)
+    assert dlogits_in_place is logits or dlogits_in_place.base is logits
+    assert loss_in_place == loss
+    np.testing.assert_array_equal(backend.to_numpy(dlogits_in_place), backend.to_numpy(dlogits))
+    xp = backend.get_array_module(kept)
+    for bad in (xp.empty((2, 3, 6), dtype=dtype), xp.empty((2, 3, 7), dtype="float16"),
+                xp.empty((7, 3, 2), dtype=dtype).transpose(2, 1, 0)):
+        with pytest.raises(ValueError, match="out must be"):
+            cross_entropy_forward(kept, targets, out=bad)
 
 
 @given(seeds, batch, time, features, st.integers(0, 90))

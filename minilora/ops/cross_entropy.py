@@ -31,10 +31,13 @@ def _softmax_and_log_prob_kernel(probs, log_probs_t, z, t):
     xp.subtract(shifted_t, xp.log(sumexp), out=log_probs_t)     # (n,) log softmax at the targets
 
 
-def cross_entropy_forward(logits, targets, ignore_index: int = -100):
+def cross_entropy_forward(logits, targets, ignore_index: int = -100, out=None):
     """loss = mean over counted targets t of  -log softmax(logits)[t]
             = mean of  logsumexp(logits) - logits[t]
 
+    The cache holds the probabilities, an (N, V) array as large as the logits;
+    ``out=logits`` computes them in place, over the logits, for a caller that needs the
+    logits no more (a training step: backward needs only the gradient).
     Returns: loss (a Python float), cache.
     """
     xp = get_array_module(logits)
@@ -55,7 +58,13 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -100):
         raise ValueError(f"cross_entropy: target ids must lie in [0, {V}) or equal ignore_index "
                          f"({ignore_index}); got {int(t[bad][0])}")
     t = xp.where(keep, t, 0)
-    probs = xp.empty(z.shape, dtype=z.dtype)                    # (N, V)
+    if out is None:
+        probs = xp.empty(z.shape, dtype=z.dtype)                # (N, V)
+    elif out.shape != logits.shape or out.dtype != logits.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"cross_entropy: out must be a row-major {logits.dtype} array of shape "
+                         f"{logits.shape}, got {out.dtype} {out.shape}")
+    else:
+        probs = out.reshape(-1, V)                              # a view: written in place
     log_probs_t = xp.empty(t.shape, dtype=z.dtype)              # (N,)
     map_row_blocks(_softmax_and_log_prob_kernel, probs, log_probs_t, z, t)
     keep_f = keep.astype(z.dtype)
