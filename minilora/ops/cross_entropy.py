@@ -26,7 +26,7 @@ def _softmax_and_log_prob_kernel(probs, log_probs_t, z, t):
     xp.subtract(z, z.max(axis=-1, keepdims=True), out=probs)   # stable: the max exponent is 0
     shifted_t = probs[xp.arange(z.shape[0]), t]                 # (n,) the targets' shifted logits
     xp.exp(probs, out=probs)
-    sumexp = probs.sum(axis=-1)                                 # (n,)
+    sumexp = xp.einsum("ij->i", probs)                          # (n,) row sums (see softmax)
     probs /= sumexp[:, None]                                    # (n, V) softmax
     xp.subtract(shifted_t, xp.log(sumexp), out=log_probs_t)     # (n,) log softmax at the targets
 

@@ -24,7 +24,7 @@ def _layernorm_kernel(y, xhat, rstd, x, *, weight, bias, eps):
     """For a block of rows, in place: xhat = (x - mean) * rstd, y = xhat * weight + bias."""
     xp = get_array_module(x)
     C = x.shape[-1]
-    mean = x.sum(axis=-1, keepdims=True)                       # (n, 1)
+    mean = xp.einsum("ij->i", x)[:, None]                      # (n, 1) row sums (see softmax)
     mean *= 1.0 / C
     xp.subtract(x, mean, out=xhat)                             # (n, C) centred
     # The biased variance mean(xhat^2), as row-wise dot products: einsum multiplies and
@@ -44,7 +44,7 @@ def _layernorm_backward_kernel(dx, dy, xhat, rstd, *, weight):
     xp = get_array_module(xhat)
     C = xhat.shape[-1]
     dxhat = dy * weight                                        # (n, C) the one scratch array
-    mean_dxhat = dxhat.sum(axis=-1, keepdims=True)             # (n, 1)
+    mean_dxhat = xp.einsum("ij->i", dxhat)[:, None]            # (n, 1)
     mean_dxhat *= 1.0 / C
     mean_dxhat_xhat = xp.einsum("ij,ij->i", dxhat, xhat)[:, None]   # (n, 1), no (n, C) product
     mean_dxhat_xhat *= 1.0 / C

@@ -18,18 +18,23 @@ class SoftmaxCache(NamedTuple):
 
 
 def _softmax_kernel(p, x):
-    """p = exp(x - max x) / sum exp(x - max x), row by row, in place in p."""
+    """p = exp(x - max x) / sum exp(x - max x), row by row, in place in p.
+
+    Row sums here (and in the other row-wise kernels) are ``einsum("ij->i")``: NumPy's
+    ``sum(axis=-1)`` reduces each row in a separate small loop and was 1.4-3x slower on
+    the shapes of the benchmark configs."""
     xp = get_array_module(x)
     xp.subtract(x, x.max(axis=-1, keepdims=True), out=p)
     xp.exp(p, out=p)
-    p /= p.sum(axis=-1, keepdims=True)
+    p /= xp.einsum("ij->i", p)[:, None]
 
 
 def _softmax_backward_kernel(dx, dp, p):
-    """dx = p * (dp - rowsum(dp * p)), in place in dx."""
+    """dx = p * (dp - rowsum(dp * p)), in place in dx (which may be dp itself)."""
     xp = get_array_module(p)
-    xp.multiply(dp, p, out=dx)                         # dp_j p_j
-    dx -= p * dx.sum(axis=-1, keepdims=True)           # - p_j sum_i dp_i p_i
+    dp_dot_p = xp.einsum("ij,ij->i", dp, p)[:, None]   # sum_i dp_i p_i, no (n, K) product
+    xp.subtract(dp, dp_dot_p, out=dx)
+    dx *= p                                            # p_j (dp_j - sum_i dp_i p_i)
 
 
 def softmax_forward(x, out=None):
