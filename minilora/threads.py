@@ -42,10 +42,10 @@ import numpy as np
 
 __all__ = ["get_num_threads", "set_num_threads", "map_row_blocks", "as_rows", "MIN_PARALLEL_SIZE", "CHUNK_SIZE"]
 
-# Elements of the first array below which a kernel runs as one call. Handing a block to
-# another thread and waiting for it costs a few hundred microseconds on a 2-vCPU VM (the
-# sleeping thread must be woken), so splitting paid only from about 2^17 elements for
-# GELU and 2^18 for LayerNorm and softmax (measured there; bench/README.md).
+# Elements of the first array below which a kernel stays on the calling thread. Handing
+# a block to another thread and waiting for it costs a few hundred microseconds on a
+# 2-vCPU VM (the sleeping thread must be woken), so splitting paid only from about 2^17
+# elements for GELU and 2^18 for LayerNorm and softmax (measured there; bench/README.md).
 MIN_PARALLEL_SIZE = 1 << 18
 
 # Elements of the first array per kernel call. A kernel makes several passes over its
