@@ -97,3 +97,15 @@ def scatter_add(target, indices, values) -> None:
         np.add.at(target, indices, values)
     else:
         _cupyx.scatter_add(target, indices, values)
+
+
+def output_array(shape, dtype, xp, out, op: str):
+    """A fresh row-major array of this shape and dtype, or ``out`` after checking that it
+    is one (an op's ``out=`` argument, which it writes in place); ``op`` names the op in
+    the error."""
+    if out is None:
+        return xp.empty(shape, dtype=dtype)
+    if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"{op}: out must be a row-major {dtype} array of shape "
+                         f"{tuple(shape)}, got {out.dtype} {out.shape}")
+    return out

@@ -7,7 +7,7 @@ masked out of an instruction-tuning loss.
 """
 from typing import NamedTuple
 
-from ..backend import get_array_module
+from ..backend import get_array_module, output_array
 from ..threads import map_row_blocks
 
 
@@ -58,13 +58,7 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -100, out=None):
         raise ValueError(f"cross_entropy: target ids must lie in [0, {V}) or equal ignore_index "
                          f"({ignore_index}); got {int(t[bad][0])}")
     t = xp.where(keep, t, 0)
-    if out is None:
-        probs = xp.empty(z.shape, dtype=z.dtype)                # (N, V)
-    elif out.shape != logits.shape or out.dtype != logits.dtype or not out.flags.c_contiguous:
-        raise ValueError(f"cross_entropy: out must be a row-major {logits.dtype} array of shape "
-                         f"{logits.shape}, got {out.dtype} {out.shape}")
-    else:
-        probs = out.reshape(-1, V)                              # a view: written in place
+    probs = output_array(logits.shape, logits.dtype, xp, out, "cross_entropy").reshape(-1, V)  # (N, V)
     log_probs_t = xp.empty(t.shape, dtype=z.dtype)              # (N,)
     map_row_blocks(_softmax_and_log_prob_kernel, probs, log_probs_t, z, t)
     keep_f = keep.astype(z.dtype)

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import get_array_module, output_array
 from ..threads import as_rows, map_row_blocks
 
 
@@ -44,7 +44,7 @@ def softmax_forward(x, out=None):
     numerator and the denominator) but keeps exp() from overflowing: the largest exponent
     is exp(0) = 1. A row of -inf (a fully masked row) is not allowed.
     """
-    p = _output(x.shape, x.dtype, get_array_module(x), out)
+    p = output_array(x.shape, x.dtype, get_array_module(x), out, "softmax")
     map_row_blocks(_softmax_kernel, as_rows(p), as_rows(x))
     return p, SoftmaxCache(p)
 
@@ -62,17 +62,8 @@ def softmax_backward(dp, cache: SoftmaxCache, out=None):
     p = cache.p
     xp = get_array_module(p)
     shape = np.broadcast_shapes(dp.shape, p.shape)
-    dx = _output(shape, p.dtype, xp, out)
+    dx = output_array(shape, p.dtype, xp, out, "softmax")
     map_row_blocks(_softmax_backward_kernel, as_rows(dx),
                    as_rows(xp.broadcast_to(dp, shape)), as_rows(xp.broadcast_to(p, shape)))
     return dx
 
-
-def _output(shape, dtype, xp, out):
-    """A fresh row-major array of this shape and dtype, or ``out`` after checking it."""
-    if out is None:
-        return xp.empty(shape, dtype=dtype)
-    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
-        raise ValueError(f"softmax: out must be a row-major {dtype} array of shape "
-                         f"{shape}, got {out.dtype} {out.shape}")
-    return out
