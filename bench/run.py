@@ -923,6 +923,68 @@ def bench_memory(bc: BenchConfig, mode: str, args, validated: bool) -> Dict[str,
     return rec
 
 
+def _minor_faults() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def allocator_probe(spec: Dict[str, object]) -> Dict[str, object]:
+    """Runs in a fresh process (``run.py --allocator-probe JSON``), PyTorch not loaded:
+    with ``keep`` it first calls ml.keep_freed_memory(), else glibc's malloc keeps its
+    defaults. Then minilora's forward-only pass (no_grad, eval) and full training step
+    of one config, each warmed up and timed call by call for about ``seconds``:
+    median time per call and page faults per call (getrusage's minor faults)."""
+    bc = BenchConfig(**spec["config"])
+    message = ml.keep_freed_memory() if spec["keep"] else "glibc defaults"
+    idx, targets = make_batch(bc)
+    model = build_minilora(bc, "full")
+    opt = minilora_adamw(model)
+
+    def forward():
+        with ml.no_grad():
+            model.forward(idx)
+    out: Dict[str, object] = {"malloc": message}
+    # The forward first: run after a training step, it would find the heap that step grew.
+    for name, fn in (("forward", forward), ("step", lambda: minilora_train_step(model, opt, idx, targets))):
+        model.train(name == "step")
+        fn()
+        fn()
+        times, faults, spent = [], _minor_faults(), 0.0
+        while len(times) < 3 or (spent < float(spec["seconds"]) and len(times) < 200):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            spent += times[-1]
+        out[name] = {"median_s": median(times), "calls": len(times),
+                     "faults_per_call": (_minor_faults() - faults) / len(times)}
+    out["peak_rss"] = _proc_status("VmHWM")
+    return out
+
+
+def bench_allocator(bc: BenchConfig, args) -> Dict[str, object]:
+    """The same minilora step and forward pass under glibc's malloc defaults and after
+    ml.keep_freed_memory(), each in a fresh process (the setting is process-wide and
+    cannot be undone); see minilora/allocator.py."""
+    log(f"[malloc] cpu {bc.name}: glibc defaults vs keep_freed_memory(), a fresh process each ...")
+    rec: Dict[str, object] = {"kind": "allocator", "config": bc.name}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env[NO_TORCH_ENV] = "1"
+    for keep in (False, True):
+        spec = {"config": asdict(bc), "keep": keep, "seconds": 1.0 if args.quick else 3.0}
+        cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads),
+               "--allocator-probe", json.dumps(spec)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"allocator probe failed ({bc.name}, keep={keep}): {proc.stderr.strip()[-2000:]}")
+        rec["kept" if keep else "defaults"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("forward", "step"):
+        a, b = rec["defaults"][name], rec["kept"][name]
+        rec[f"{name}_speedup"] = a["median_s"] / b["median_s"]
+        log(f"         {name}: {a['median_s'] * 1e3:,.1f} ms ({a['faults_per_call']:,.0f} faults) -> "
+            f"{b['median_s'] * 1e3:,.1f} ms ({b['faults_per_call']:,.0f} faults)")
+    return rec
+
+
 # ======================================================================================
 # 4. Inference and generation
 # ======================================================================================
@@ -1180,6 +1242,8 @@ def markdown(res: Dict[str, object]) -> str:
              f"{m['numpy_blas'].get('threads')}, minilora's elementwise kernels "
              f"{m.get('minilora_threads')}, PyTorch {m['torch_threads']}; "
              f"OPENBLAS_THREAD_TIMEOUT={m['thread_env'].get('OPENBLAS_THREAD_TIMEOUT')})")
+    if m.get("malloc"):
+        L.append(f"- malloc (ml.keep_freed_memory(), both sides share this process): {m['malloc']}")
     L.append(f"- versions: Python {m['python']}, NumPy {m['numpy']} ({m['numpy_blas'].get('name')} "
              f"{m['numpy_blas'].get('version')}), PyTorch {m['torch'] or 'not installed'}"
              f"{' (' + str(m.get('torch_blas')) + ')' if m['torch'] else ''}, minilora {m['minilora']} "
@@ -1238,6 +1302,21 @@ def markdown(res: Dict[str, object]) -> str:
                      f"{_fmt(r.get('ratio'), '.2f')} | {_mib(a.get('peak_rss'))} | {_mib(b.get('peak_rss'))} | "
                      f"{_mib(a.get('tracemalloc_step_peak_bytes'))} |")
         L.append("")
+    if res.get("allocator"):
+        L += ["## Keeping freed memory (minilora/allocator.py; minilora alone, a fresh process per column)", "",
+              "| config | pass | glibc defaults | page faults | keep_freed_memory() | page faults | speed-up |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+        for r in res["allocator"]:
+            for name in ("forward", "step"):
+                a, b = r["defaults"][name], r["kept"][name]
+                L.append(f"| {r['config']} | {'training step' if name == 'step' else 'forward (no_grad)'} | "
+                         f"{a['median_s'] * 1e3:,.1f} ms | {a['faults_per_call']:,.0f} | {b['median_s'] * 1e3:,.1f} ms | "
+                         f"{b['faults_per_call']:,.0f} | {r[name + '_speedup']:.2f}× |")
+        L += ["", "Peak RSS of those processes, glibc defaults vs keep_freed_memory(): " + "; ".join(
+            f"{r['config']} {_mib(r['defaults'].get('peak_rss'))} vs {_mib(r['kept'].get('peak_rss'))}"
+            for r in res["allocator"]) + ".", ""]
+    elif res.get("allocator_skipped"):
+        L += [f"Keeping freed memory: {res['allocator_skipped']}.", ""]
     if res["inference"]:
         L += ["## Inference (forward only, no_grad / inference_mode, eval)", "",
               "| device | config | base tok/s | LoRA unmerged | LoRA merged | PyTorch base | PyTorch LoRA | ratio base | merged ÷ base time | validated |",
@@ -1326,7 +1405,9 @@ def parse_args(argv=None):
     p.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul for the peak rate")
     p.add_argument("--profile", nargs="?", const="largest", default=None, metavar="CONFIG",
                    help="cProfile one minilora full training step of CONFIG (default: the largest CPU config run)")
+    p.add_argument("--no-allocator", action="store_true", help="skip the malloc comparison")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--allocator-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.rounds is None:
@@ -1344,7 +1425,10 @@ def parse_args(argv=None):
 
 def run(args) -> Dict[str, object]:
     set_threads(args.threads)
+    # As the minilora command does; in this process it holds for both sides alike.
+    malloc = ml.keep_freed_memory()
     info = machine_info(args.threads)
+    info["malloc"] = malloc
     res: Dict[str, object] = {
         "schema": SCHEMA_VERSION, "name": args.tag or machine_tag(info, args.quick), "quick": args.quick,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1356,7 +1440,7 @@ def run(args) -> Dict[str, object]:
                      "tolerances": {"loss": TOL_LOSS, "grad": TOL_GRAD, "logits": TOL_LOGITS,
                                     "optimizer": TOL_OPTIM, "directional": TOL_DIRECTIONAL,
                                     "grad_floor": GRAD_FLOOR}},
-        "peak_matmul": [], "training": [], "inference": [], "generation": [], "memory": [],
+        "peak_matmul": [], "training": [], "inference": [], "generation": [], "memory": [], "allocator": [],
     }
     t_start = time.perf_counter()
     skip = torch_skip_reason(args)
@@ -1383,6 +1467,12 @@ def run(args) -> Dict[str, object]:
                 tr = next(r for r in res["training"] if r["device"] == "cpu" and r["config"]["name"] == bc.name
                           and r["mode"] == mode)
                 res["memory"].append(bench_memory(bc, mode, args, bool(tr["validated"])))
+    if not args.no_allocator:
+        if ml.allocator._glibc() is None:
+            res["allocator_skipped"] = "the C library is not glibc: keep_freed_memory() does nothing here"
+        else:
+            for bc in args.cpu_configs:
+                res["allocator"].append(bench_allocator(bc, args))
     if not args.no_inference:
         for bc in args.cpu_configs:
             res["inference"].append(bench_inference(bc, args, "cpu"))
@@ -1479,6 +1569,10 @@ def main(argv=None) -> int:
     if args.memory_probe is not None:
         set_threads(args.threads)
         print(json.dumps(memory_probe(json.loads(args.memory_probe)), default=_json_default))
+        return 0
+    if args.allocator_probe is not None:
+        set_threads(args.threads)
+        print(json.dumps(allocator_probe(json.loads(args.allocator_probe)), default=_json_default))
         return 0
     res = run(args)
     json_path, md_path = write_results(res, args.out)

@@ -16,6 +16,7 @@ import os as _os
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 from . import threads
+from .allocator import keep_freed_memory
 from .backend import cuda_available, to_numpy
 from .gpt import GPT, GPTConfig, KVCache, cross_entropy
 from .nn import Module, Parameter, no_grad
@@ -37,5 +38,5 @@ __all__ = [
     "set_adapter", "active_adapters", "adapter_names", "disable_adapters", "delete_adapter",
     "add_weighted_adapter", "is_lora_model", "lora_summary", "save_adapter", "load_adapter",
     "save_model", "load_model", "TrainConfig", "TrainingDiverged", "train", "evaluate",
-    "cuda_available", "to_numpy",
+    "cuda_available", "to_numpy", "keep_freed_memory",
 ]

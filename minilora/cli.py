@@ -25,6 +25,7 @@ from . import __version__, backend, io
 from .adapters import CONFIG_FILE as ADAPTER_CONFIG_FILE
 from .adapters import WEIGHTS_FILE as ADAPTER_WEIGHTS_FILE
 from .adapters import load_adapter, read_adapter_config, save_adapter
+from .allocator import keep_freed_memory
 from .data import (BUILTIN_DATASETS, encode_corpus, encode_examples, load_builtin, read_jsonl,
                    read_text_file, split_examples, split_text)
 from .gpt import GPT, GPTConfig
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # Every command here runs steps that allocate and free the same arrays over and over:
+    # keep the freed memory for the next one (minilora/allocator.py says why).
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -6,6 +6,7 @@ Never a timing test: nothing here asserts on a speed. What is checked:
   the expected keys, and every measurement says ``"validated": true``;
 - a deliberately wrong reference (a perturbed PyTorch weight) makes the validation fail,
   the number is refused (no tokens/s recorded), and ``main`` exits non-zero;
+- the malloc comparison (glibc defaults vs ml.keep_freed_memory()) ran both sides;
 - without PyTorch, the fallback check (float64 copy + a central difference) passes a
   correct model and catches a wrong gradient.
 """
@@ -93,6 +94,17 @@ def test_quick_run_writes_validated_results(tmp_path):
     assert 0 < lvf["files"]["adapter_bytes"] < lvf["files"]["checkpoint_bytes"]
     assert all(t["status"] in ("pass", "miss") or t["status"].startswith("not measured") for t in res["targets"])
     assert "## Training throughput" in md and "## Targets" in md and res["machine"]["cpu_model"] in md
+    assert "malloc" in res["machine"]
+    if sys.platform.startswith("linux") and res["allocator"]:   # glibc: both sides of the comparison ran
+        (alloc,) = res["allocator"]
+        assert alloc["defaults"]["malloc"] == "glibc defaults"
+        assert alloc["kept"]["malloc"].startswith("applied"), alloc["kept"]["malloc"]
+        for side in ("defaults", "kept"):
+            for name in ("forward", "step"):
+                assert alloc[side][name]["median_s"] > 0 and alloc[side][name]["faults_per_call"] >= 0
+        assert "## Keeping freed memory" in md
+    else:
+        assert res["allocator_skipped"]
 
 
 # --------------------------------------------------------------------------------------
