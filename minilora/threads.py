@@ -44,9 +44,12 @@ __all__ = ["get_num_threads", "set_num_threads", "map_row_blocks", "as_rows", "M
 
 # Elements of the first array below which a kernel stays on the calling thread. Handing
 # a block to another thread and waiting for it costs a few hundred microseconds on a
-# 2-vCPU VM (the sleeping thread must be woken), so splitting paid only from about 2^17
-# elements for GELU and 2^18 for LayerNorm and softmax (measured there; bench/README.md).
-MIN_PARALLEL_SIZE = 1 << 18
+# 2-vCPU VM (the sleeping thread must be woken, and the GIL changes hands between the
+# two threads' NumPy calls), so on 2^18 elements two threads were slower than one for
+# GELU, LayerNorm and softmax alike, and from 2^20 they won (bench/README.md). In the
+# model, 2^19 made the small config's training step 6-9% faster than 2^18, and changed
+# the tiny and medium ones by less than the noise.
+MIN_PARALLEL_SIZE = 1 << 19
 
 # Elements of the first array per kernel call. A kernel makes several passes over its
 # arrays (GELU's backward about fifteen); on chunks of 2^19 float32 elements (2 MiB an
