@@ -180,6 +180,33 @@ def loadavg() -> Optional[List[float]]:
         return None
 
 
+def cpu_times() -> Optional[List[int]]:
+    """The machine's CPU time counters (Linux /proc/stat, all CPUs): user, nice, system,
+    idle, iowait, irq, softirq, steal -- in clock ticks; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return [int(x) for x in fields[1:9]] if fields and fields[0] == "cpu" and len(fields) >= 9 else None
+    except (OSError, ValueError):
+        return None
+
+
+def steal_fraction(before: Optional[List[int]], after: Optional[List[int]]) -> Optional[float]:
+    """The share of the CPU time between two cpu_times() readings that the hypervisor
+    gave to other guests ("steal"): on a virtual machine, time in which this one's CPUs
+    were runnable but not running. Every timed block in that span waited for it."""
+    if before is None or after is None:
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta)
+    return delta[7] / total if total > 0 else None
+
+
+def spread(xs: Sequence[float]) -> float:
+    """(slowest - fastest) / median of a side's rounds: how far its rounds disagree."""
+    return (max(xs) - min(xs)) / median(xs)
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
@@ -716,11 +743,13 @@ def bench_training(bc: BenchConfig, mode: str, args, device: str = "cpu",
     one = min(time_once(fn, s) for _, fn, s in contenders)   # also the first warm-up step
     steps = steps_for(one, args.min_block_s)
     log(f"        timing: {args.rounds} rounds x {steps} steps per side (one step ~{one * 1e3:.0f} ms)")
+    before = cpu_times()
     times = interleaved_timing(contenders, rounds=args.rounds, steps=steps, warmup=args.warmup)
+    record["steal_fraction"] = steal_fraction(before, cpu_times())
     for name, per_step in times.items():
         step_s = median(per_step)
         side = {"step_s_median": step_s, "step_s_rounds": per_step, "tokens_per_s": bc.B * bc.T / step_s,
-                "steps_per_round": steps}
+                "steps_per_round": steps, "rounds_spread": spread(per_step)}
         if peak_flops:
             side["mfu"] = record["model_flops_per_step"] / step_s / peak_flops
         record[name] = side
@@ -1059,11 +1088,13 @@ def bench_inference(bc: BenchConfig, args, device: str = "cpu",
     if contenders:
         one = min(time_once(fn, s) for _, fn, s in contenders)
         steps = steps_for(one, args.min_block_s / 2)
+        before = cpu_times()
         times = interleaved_timing(contenders, rounds=args.rounds, steps=steps, warmup=args.warmup)
+        rec["steal_fraction"] = steal_fraction(before, cpu_times())
         for name, per in times.items():
             s = median(per)
             variants[name].update({"forward_s_median": s, "forward_s_rounds": per, "steps_per_round": steps,
-                                   "tokens_per_s": bc.B * bc.T / s})
+                                   "tokens_per_s": bc.B * bc.T / s, "rounds_spread": spread(per)})
     rec["variants"] = variants
     rec["validated"] = all(v["validated"] for v in variants.values())
     v = variants
@@ -1227,6 +1258,10 @@ def _fmt(x, spec=",.0f", none="—") -> str:
     return none if x is None else format(x, spec)
 
 
+def _spreads(a: Dict[str, object], b: Dict[str, object]) -> str:
+    return f"{_fmt(a.get('rounds_spread'), '.0%')} / {_fmt(b.get('rounds_spread'), '.0%')}"
+
+
 def _mib(b) -> str:
     return "—" if b is None else f"{b / 2**20:,.1f} MiB"
 
@@ -1262,15 +1297,19 @@ def markdown(res: Dict[str, object]) -> str:
         L += ["## Refused (validation failed)", ""] + [f"- {f}" for f in res["failures"]] + [""]
 
     L += ["## Training throughput (forward + cross-entropy + backward + AdamW)", "",
-          "| device | config | mode | minilora tok/s | PyTorch tok/s | ratio | minilora MFU | PyTorch MFU | validated |",
-          "|---|---|---|---:|---:|---:|---:|---:|---|"]
+          "| device | config | mode | minilora tok/s | PyTorch tok/s | ratio | minilora MFU | PyTorch MFU | "
+          "rounds spread | host steal | validated |",
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["training"]:
         a, b = r.get("minilora") or {}, r.get("pytorch") or {}
         val = "yes" if r["validated"] else "**REFUSED**"
         L.append(f"| {r['device']} | {r['config']['name']} | {r['mode']} | {_fmt(a.get('tokens_per_s'))} | "
                  f"{_fmt(b.get('tokens_per_s'))} | {_fmt(r.get('ratio_tokens_per_s'), '.2f')} | "
-                 f"{_fmt(a.get('mfu'), '.1%')} | {_fmt(b.get('mfu'), '.1%')} | {val} |")
-    L.append("")
+                 f"{_fmt(a.get('mfu'), '.1%')} | {_fmt(b.get('mfu'), '.1%')} | "
+                 f"{_spreads(a, b)} | {_fmt(r.get('steal_fraction'), '.1%')} | {val} |")
+    L += ["", "*Rounds spread*: (slowest − fastest) ÷ median of each side's rounds, minilora / PyTorch; "
+          "*host steal*: the share of CPU time the hypervisor gave to other guests while the rounds ran "
+          "(Linux /proc/stat). Both say how far to trust a ratio.", ""]
     lvf = res.get("lora_vs_full")
     if lvf and lvf.get("validated"):
         L += [f"## LoRA vs full fine-tuning ({lvf['config']})", "",
@@ -1319,14 +1358,17 @@ def markdown(res: Dict[str, object]) -> str:
         L += [f"Keeping freed memory: {res['allocator_skipped']}.", ""]
     if res["inference"]:
         L += ["## Inference (forward only, no_grad / inference_mode, eval)", "",
-              "| device | config | base tok/s | LoRA unmerged | LoRA merged | PyTorch base | PyTorch LoRA | ratio base | merged ÷ base time | validated |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| device | config | base tok/s | LoRA unmerged | LoRA merged | PyTorch base | PyTorch LoRA | ratio base | "
+              "merged ÷ base time | rounds spread | host steal | validated |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in res["inference"]:
             v = r["variants"]
             g = lambda k: _fmt((v.get(k) or {}).get("tokens_per_s"))  # noqa: E731
             L.append(f"| {r['device']} | {r['config']['name']} | {g('base')} | {g('lora_unmerged')} | {g('lora_merged')} | "
                      f"{g('pytorch_base')} | {g('pytorch_lora')} | {_fmt(r.get('ratio_base'), '.2f')} | "
-                     f"{_fmt(r.get('merged_time_over_base'), '.3f')} | {'yes' if r['validated'] else '**REFUSED** (partly)'} |")
+                     f"{_fmt(r.get('merged_time_over_base'), '.3f')} | "
+                     f"{_spreads(v.get('base') or {}, v.get('pytorch_base') or {})} | "
+                     f"{_fmt(r.get('steal_fraction'), '.1%')} | {'yes' if r['validated'] else '**REFUSED** (partly)'} |")
         L.append("")
     if res["generation"]:
         L += ["## Generation (greedy, batch 1)", "",

@@ -72,6 +72,10 @@ def test_quick_run_writes_validated_results(tmp_path):
         assert r["validated"] is True, r.get("refused")
         assert r["minilora"]["tokens_per_s"] > 0
         assert "mfu" in r["minilora"]
+        assert r["minilora"]["rounds_spread"] >= 0
+        assert "steal_fraction" in r
+        if sys.platform.startswith("linux"):
+            assert 0 <= r["steal_fraction"] <= 1
         if has_torch():
             assert r["validation"]["against"].startswith("PyTorch")
             assert r["pytorch"]["tokens_per_s"] > 0 and r["ratio_tokens_per_s"] > 0
@@ -198,6 +202,16 @@ def test_no_torch_flag_skips_the_pytorch_side(bench):
     assert rec["validated"] is True
     assert "pytorch" not in rec and "PyTorch" in rec["pytorch_skipped"]
     assert rec["minilora"]["tokens_per_s"] > 0
+
+
+def test_steal_and_spread(bench):
+    # cpu_times() order: user, nice, system, idle, iowait, irq, softirq, steal
+    before, after = [100, 0, 10, 500, 0, 0, 0, 5], [160, 0, 20, 520, 0, 0, 0, 15]
+    assert bench.steal_fraction(before, after) == pytest.approx(10 / 100)
+    assert bench.steal_fraction(None, after) is None and bench.steal_fraction(before, before) is None
+    assert bench.spread([1.0, 1.2, 0.9]) == pytest.approx((1.2 - 0.9) / 1.0)
+    if sys.platform.startswith("linux"):
+        assert len(bench.cpu_times()) == 8
 
 
 def test_flop_counts(bench):
