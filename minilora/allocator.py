@@ -12,11 +12,13 @@ write: a page fault.
 A training step is exactly that pattern. Every step allocates the same activations,
 gradients and temporaries, and frees them before the next step; so does every forward
 pass of inference or generation. Measured on a 2-core VM (``bench/run.py``'s "keeping
-freed memory" table, each side in a fresh process): the tiny benchmark model's forward
-pass took ~2,400 page faults and ~17 ms under glibc's defaults, none and ~11 ms with the
-settings below; its training step ~2,400 faults and ~40 ms against none and ~36 ms; the
-medium model's step ~32,000 faults and ~1.53 s against ~100 and ~1.43 s. Peak memory is
-unchanged: what is kept is memory the process's own peak had already used.
+freed memory" table, each side in a fresh process, three runs): the tiny benchmark
+model's forward pass took ~2,400 page faults and 18-19 ms under glibc's defaults, none
+and 11-12 ms with the settings below; its training step ~2,400 faults and 41-43 ms
+against none and 31-36 ms; the medium model's forward pass ~24,000 faults and 560-700 ms
+against 430-480 ms. (The medium training step lost ~33,000 faults too, but its time
+moved less than that VM's noise.) Peak memory is unchanged: what is kept is memory the
+process's own peak had already used.
 
 :func:`keep_freed_memory` makes malloc keep freed memory for the next step:
 
