@@ -70,6 +70,26 @@ def test_embedding(device, seed, B, T, C, V):
                                            {"table": table}, {"table": dtable}, dy))
 
 
+@pytest.mark.parametrize("index_dtype", [np.uint8, np.int16, np.int32, np.int64])
+def test_embedding_backward_is_the_row_scatter_add_exactly(device, index_dtype):
+    """The backward scatters element by element on the flat table (NumPy's fast add.at
+    loop); it must give exactly the textbook row-by-row ``np.add.at(dtable, idx, dy)``,
+    whatever the index dtype (v * C must not overflow a narrow integer type)."""
+    rng = np.random.default_rng(0)
+    V, C = 200, 300                                   # 199 * 300 overflows uint8 and int16
+    idx = rng.integers(0, V, size=(3, 50)).astype(index_dtype)
+    idx[0, :10] = V - 1                               # the last row, repeated
+    dy = rng.standard_normal((3, 50, C)).astype(np.float32)
+    _, cache = embedding_forward(backend.to_device(idx, device), backend.to_device(np.zeros((V, C), np.float32), device))
+    dtable = backend.to_numpy(embedding_backward(backend.to_device(dy, device), cache))
+    expected = np.zeros((V, C), np.float32)
+    np.add.at(expected, idx.reshape(-1), dy.reshape(-1, C))
+    if device == "cpu":
+        assert np.array_equal(dtable, expected)
+    else:                                             # the GPU adds repeats in any order
+        np.testing.assert_allclose(dtable, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_embedding_rejects_bad_indices(device):
     table = backend.to_device(np.zeros((4, 2)), device)
     with pytest.raises(ValueError, match="out of range"):
