@@ -43,6 +43,8 @@ import os
 import platform
 from typing import Optional
 
+from .validation import check_integer
+
 # mallopt's parameter numbers, from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -72,9 +74,8 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD,
     malloc's thresholds; this glibc refuses the value). A speed setting never stops a
     program, so only a threshold that is not a positive integer raises (ValueError).
     """
-    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
-            raise ValueError(f"keep_freed_memory: {name} must be a whole number of bytes in [1, 2^31), got {value!r}")
+    mmap_threshold = check_integer("keep_freed_memory: mmap_threshold (bytes)", mmap_threshold, 1, 2**31 - 1)
+    trim_threshold = check_integer("keep_freed_memory: trim_threshold (bytes)", trim_threshold, 1, 2**31 - 1)
     user = [v for v in _USER_SETTINGS if v in os.environ]
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         user.append("GLIBC_TUNABLES")

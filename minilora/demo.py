@@ -13,11 +13,10 @@ Every number printed is measured in this run.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass
+from typing import Dict, List
 
 import numpy as np
 

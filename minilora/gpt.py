@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from .ops.attention import attention_backward, attention_forward
 from .ops.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from .ops.gelu import gelu_backward, gelu_forward
 from .ops.linear import linear_backward, linear_forward
+from .validation import check_integer
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            check_integer(f"GPTConfig.{name}", getattr(self, name), minimum=1)
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:

@@ -22,6 +22,7 @@ from safetensors.numpy import load as _st_load_bytes
 from safetensors.numpy import save as _st_save_bytes
 
 from . import backend
+from .validation import check_integer
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -435,8 +436,7 @@ def load_checkpoint(path: str) -> TrainingCheckpoint:
                                 "training checkpoint")
     trainer_state = read_json(state_path)
     step = trainer_state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"{state_path}: 'step' must be a non-negative integer, got {step!r}")
+    step = check_integer(f"{state_path}: 'step'", step, minimum=0)
     weights_file = config.get("weights", MODEL_WEIGHTS_FILE)
     if weights_file not in (MODEL_WEIGHTS_FILE, TRAINABLE_WEIGHTS_FILE):
         raise ValueError(f"{os.path.join(directory, MODEL_CONFIG_FILE)}: unknown weights file {weights_file!r}")

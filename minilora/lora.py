@@ -42,6 +42,7 @@ from .nn import Dropout, Linear, Module, Parameter, _keep, _take_cache
 from .ops.dropout import dropout_backward, dropout_forward
 from .ops.linear import linear_backward, linear_forward
 from .ops.lowrank import lowrank_backward, lowrank_forward
+from .validation import check_integer
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian", "pissa")
@@ -86,8 +87,7 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if not isinstance(self.r, (int, np.integer)) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        check_integer("LoraConfig.r", self.r, minimum=1)
         if not isinstance(self.alpha, (int, float, np.number)) or not self.alpha > 0 or not math.isfinite(self.alpha):
             raise ValueError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:

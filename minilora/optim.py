@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from typing import Any, Dict, Iterable, List, Tuple
 
 import numpy as np
@@ -43,6 +42,7 @@ from . import backend
 from .backend import get_array_module
 from .nn import Parameter
 from .threads import map_row_blocks
+from .validation import check_integer
 
 __all__ = [
     "Optimizer",
@@ -74,18 +74,6 @@ def _check_nonneg(name: str, value) -> float:
     value = _check_real(name, value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return value
-
-
-def _check_int(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return value
 
 
@@ -231,14 +219,14 @@ class Optimizer:
         new_state: Dict[int, Dict[str, Any]] = {}
         expected_keys = set(self._state_arrays) | set(self._state_scalars)
         for key, entry in saved.items():
-            i = _check_int("state index", key)
+            i = check_integer("state index", key)
             if i >= len(self.params):
                 raise ValueError(f"state for parameter index {i}, but there are only {len(self.params)}")
             if not isinstance(entry, dict) or set(entry) != expected_keys:
                 got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
                 raise ValueError(f"state of parameter {i} has keys {got}, expected {sorted(expected_keys)}")
             p = self.params[i]
-            restored = {s: _check_int(f"state[{i}][{s!r}]", entry[s]) for s in self._state_scalars}
+            restored = {s: check_integer(f"state[{i}][{s!r}]", entry[s]) for s in self._state_scalars}
             device = backend.device_of(p.data)
             for a in self._state_arrays:
                 arr = entry[a]
@@ -504,9 +492,9 @@ def warmup_cosine_lr(step: int, *, max_lr: float, warmup_steps: int, total_steps
     Arguments are checked: ``step >= 0``; ``0 <= warmup_steps <= total_steps``;
     ``total_steps >= 1``; ``0 <= min_lr <= max_lr``.
     """
-    step = _check_int("step", step)
-    warmup_steps = _check_int("warmup_steps", warmup_steps)
-    total_steps = _check_int("total_steps", total_steps, minimum=1)
+    step = check_integer("step", step)
+    warmup_steps = check_integer("warmup_steps", warmup_steps)
+    total_steps = check_integer("total_steps", total_steps, minimum=1)
     if warmup_steps > total_steps:
         raise ValueError(f"warmup_steps ({warmup_steps}) must be <= total_steps ({total_steps})")
     max_lr = _check_nonneg("max_lr", max_lr)

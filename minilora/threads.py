@@ -40,6 +40,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .validation import check_integer
+
 __all__ = ["get_num_threads", "set_num_threads", "map_row_blocks", "as_rows", "MIN_PARALLEL_SIZE", "CHUNK_SIZE"]
 
 # Elements of the first array below which a kernel stays on the calling thread. Handing
@@ -94,10 +96,9 @@ def get_num_threads() -> int:
 def set_num_threads(n: int) -> None:
     """Use ``n`` threads (>= 1) for elementwise work from now on."""
     global _num_threads, _pool
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"set_num_threads: n must be an integer >= 1, got {n!r}")
+    n = check_integer("set_num_threads: n", n, minimum=1)
     with _pool_lock:
-        _num_threads = int(n)
+        _num_threads = n
         if _pool is not None:           # the old pool's size is wrong now
             _pool.shutdown(wait=True)
             _pool = None

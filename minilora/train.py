@@ -49,6 +49,7 @@ from .nn import Module, no_grad
 from .ops.cross_entropy import cross_entropy_forward
 from .optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from .optim import grad_norm as global_grad_norm
+from .validation import check_integer
 
 __all__ = [
     "TrainConfig", "TrainResult", "StepRecord", "EvalRecord", "StepInfo", "TrainingDiverged",
@@ -105,19 +106,11 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.betas, list):   # from JSON
             object.__setattr__(self, "betas", tuple(self.betas))
-
-        def positive_int(name, value, minimum):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise ValueError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
-        positive_int("max_steps", self.max_steps, 1)
-        positive_int("batch_size", self.batch_size, 1)
-        positive_int("warmup_steps", self.warmup_steps, 0)
-        positive_int("eval_interval", self.eval_interval, 0)
-        positive_int("checkpoint_interval", self.checkpoint_interval, 0)
-        positive_int("keep_checkpoints", self.keep_checkpoints, 1)
-        positive_int("seed", self.seed, 0)
+        for name, minimum in (("max_steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("eval_interval", 0),
+                              ("checkpoint_interval", 0), ("keep_checkpoints", 1), ("seed", 0)):
+            check_integer(f"TrainConfig.{name}", getattr(self, name), minimum)
         if self.eval_batches is not None:
-            positive_int("eval_batches", self.eval_batches, 1)
+            check_integer("TrainConfig.eval_batches", self.eval_batches, 1)
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"TrainConfig.warmup_steps ({self.warmup_steps}) must be <= max_steps "
                              f"({self.max_steps})")

@@ -131,7 +131,7 @@ def test_kernels_do_not_split_again_inside_a_block(split_everything):
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
 def test_set_num_threads_validates(bad):
-    with pytest.raises(ValueError, match="integer >= 1"):
+    with pytest.raises(ValueError, match="set_num_threads: n must be a positive integer"):
         threads.set_num_threads(bad)
 
 

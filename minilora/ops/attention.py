@@ -26,6 +26,7 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 
 from ..backend import get_array_module
+from ..validation import check_integer
 from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .softmax import SoftmaxCache, softmax_backward, softmax_forward
 
@@ -111,8 +112,7 @@ def attention_forward(q, k, v, n_head: int, dropout_p: float = 0.0, rng=None,
         raise ValueError(f"attention: incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}")
     if query_block is None:
         query_block = QUERY_BLOCK
-    if isinstance(query_block, bool) or not isinstance(query_block, (int, np.integer)) or query_block < 1:
-        raise ValueError(f"attention: query_block must be a positive integer, got {query_block!r}")
+    query_block = check_integer("attention: query_block", query_block, minimum=1)
     scale = 1.0 / math.sqrt(C // n_head)
     qh, kh, vh = split_heads(q, n_head), split_heads(k, n_head), split_heads(v, n_head)  # (B, H, T, D)
     qh = qh * scale                                     # scaling q (T*D numbers) is cheaper than

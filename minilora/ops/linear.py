@@ -2,7 +2,7 @@
 
 Shapes: x (..., I) -- any leading axes, typically (B, T, I) -- W (I, O), b (O,), y (..., O).
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 
 class LinearCache(NamedTuple):
