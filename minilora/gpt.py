@@ -140,8 +140,9 @@ class MLP(Module):
         return self.dropout.forward(self.down_proj.forward(h))  # (B, T, C)
 
     def backward(self, dy):
-        dh = self.down_proj.backward(self.dropout.backward(dy))  # (B, T, 4C)
-        return self.up_proj.backward(gelu_backward(dh, _take_cache(self)))  # (B, T, C)
+        dh = self.down_proj.backward(self.dropout.backward(dy))  # (B, T, 4C), a new array
+        dh = gelu_backward(dh, _take_cache(self), out=dh)        # over dh: the step's peak
+        return self.up_proj.backward(dh)                         # (B, T, C)
 
 
 class Block(Module):

@@ -171,17 +171,30 @@ RNG = np.random.default_rng(0)
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(3, 7, 13), (5, 16), (11,)])
-def test_gelu_split_equals_unsplit(dtype, shape):
+def test_gelu_split_equals_unsplit_and_in_place_equals_fresh(dtype, shape):
     x = (RNG.standard_normal(shape) * 3).astype(dtype)
     dy = RNG.standard_normal(shape).astype(dtype)
 
     def run():
         y, cache = gelu_forward(x)
-        return y, gelu_backward(dy, cache)
+        dy_scratch = dy.copy()
+        dx_in_place = gelu_backward(dy_scratch, cache, out=dy_scratch)   # dx written over dy
+        assert dx_in_place is dy_scratch
+        return y, gelu_backward(dy, cache), dx_in_place
 
-    (y1, dx1), (y3, dx3) = one_thread_then_three(run)
+    (y1, dx1, in_place1), (y3, dx3, in_place3) = one_thread_then_three(run)
     np.testing.assert_array_equal(y1, y3)
     np.testing.assert_array_equal(dx1, dx3)
+    np.testing.assert_array_equal(in_place1, dx1)
+    np.testing.assert_array_equal(in_place3, dx1)
+
+
+@pytest.mark.parametrize("out", [np.zeros((5, 15)), np.zeros((5, 16), dtype=np.float32),
+                                 np.zeros((16, 5)).T])
+def test_gelu_backward_out_is_checked(out):
+    _, cache = gelu_forward(np.zeros((5, 16)))
+    with pytest.raises(ValueError, match="gelu_backward: out must be"):
+        gelu_backward(np.ones((5, 16)), cache, out=out)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -12,7 +12,7 @@ negative x it does not cancel: ``1 + tanh(u)`` loses digits as tanh(u) nears -1,
 tanh formula.
 
 Each direction is a *kernel* that writes its result in place into an output array (the
-forward needs no scratch array, the backward two); ``map_row_blocks`` runs it on blocks
+forward needs no scratch array, the backward three); ``map_row_blocks`` runs it on blocks
 of rows in parallel on the CPU cores (see :mod:`minilora.threads`). The kernels are the
 whole math.
 """
@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import get_array_module, output_array
 from ..threads import as_rows, map_row_blocks
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -61,8 +61,9 @@ def _gelu_backward_kernel(dx, dy, x):
 
         dy/dx = s + x s (1 - s) 2 du/dx,     du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
 
-    (a sigmoid's derivative is s (1 - s)). dy/dx is built in place in dx, then
-    multiplied by dy.
+    (a sigmoid's derivative is s (1 - s)). dy/dx is built in a scratch array and only
+    the last pass writes dx, so dx may be dy itself: that pass reads each element of dy
+    before it writes the same element of dx.
     """
     xp = get_array_module(x)
     s = _sigmoid_2u(x, out=xp.empty_like(x))        # the forward's value, bit for bit
@@ -70,12 +71,12 @@ def _gelu_backward_kernel(dx, dy, x):
     two_du_dx *= 3.0 * _COEFF
     two_du_dx += 1.0
     two_du_dx *= 2.0 * _SQRT_2_OVER_PI              # 2 du/dx
-    xp.subtract(1.0, s, out=dx)                     # 1 - s
-    dx *= s
-    dx *= x
-    dx *= two_du_dx                                 # x s (1 - s) 2 du/dx
-    dx += s                                         # dy/dx
-    dx *= dy                                        # dx = dy * dy/dx
+    slope = xp.subtract(1.0, s)                     # 1 - s
+    slope *= s
+    slope *= x
+    slope *= two_du_dx                              # x s (1 - s) 2 du/dx
+    slope += s                                      # dy/dx
+    xp.multiply(dy, slope, out=dx)                  # dx = dy * dy/dx
 
 
 def gelu_forward(x):
@@ -86,16 +87,22 @@ def gelu_forward(x):
     return y, GeluCache(x)
 
 
-def gelu_backward(dy, cache: GeluCache):
-    """dx = dy * gelu'(x) (the kernel above shows the derivative)."""
+def gelu_backward(dy, cache: GeluCache, out=None):
+    """dx = dy * gelu'(x) (the kernel above shows the derivative).
+
+    ``out=dy`` computes dx in place, over dy, for a caller that needs dy no more: the
+    MLP's backward does, because this is the moment of a training step when memory use
+    peaks (the last MLP's backward, every activation still held), and writing dx over dy
+    keeps one (B, T, 4C) array fewer alive there.
+    """
     x = cache.x
     xp = get_array_module(x)
-    dx = xp.empty(x.shape, dtype=x.dtype)
+    dx = output_array(x.shape, x.dtype, xp, out, "gelu_backward")
     dy = xp.broadcast_to(dy, x.shape)               # dy may broadcast (a scalar, say)
-    # Chunks of 2^17 elements: the kernel's two scratch arrays then take 1 MiB per
-    # thread, where the default chunk would make them 8 MiB in all (medium config) at
-    # the very moment of a training step when memory use peaks (the last MLP's
-    # backward). Measured on 2 threads, it is also the fastest: 7.5 ms on (1024, 2048)
-    # against 14.7 ms with 2^19 and 9.1 ms with 2^16 (the same on smaller arrays).
+    # Chunks of 2^17 elements: the kernel's three scratch arrays then take 1.5 MiB per
+    # thread, where the default chunk would make them 12 MiB in all (medium config) at
+    # the step's peak. Measured on 2 threads, it is also the fastest: 7.5 ms on
+    # (1024, 2048) against 14.7 ms with 2^19 and 9.1 ms with 2^16 (the same on smaller
+    # arrays).
     map_row_blocks(_gelu_backward_kernel, as_rows(dx), as_rows(dy), as_rows(x), chunk_size=1 << 17)
     return dx
