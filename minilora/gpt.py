@@ -243,9 +243,20 @@ class GPT(Module):
         return logits
 
     def backward(self, dlogits) -> None:
-        """Fill ``.grad`` of every trainable parameter from dlogits (B, T, V)."""
+        """Fill ``.grad`` of every trainable parameter from dlogits (B, T, V).
+
+        dlogits must have the shape of the last forward's logits. Another float dtype is
+        cast to the model's (as PyTorch's autograd casts a gradient to its tensor's), so
+        every op below sees one dtype.
+        """
         wte = self.token_embedding.weight
         cache = _take_cache(self)
+        expected = tuple(cache.x_shape[:-1]) + (wte.shape[0],)
+        if tuple(dlogits.shape) != expected:
+            _keep(self, cache)                # refused before any work: the cache stays
+            raise ValueError(f"GPT.backward: dlogits has shape {tuple(dlogits.shape)}, but the last "
+                             f"forward's logits have shape {expected}")
+        dlogits = dlogits.astype(wte.data.dtype, copy=False)
         dx, _, _ = linear_backward(dlogits, cache, need_dW=False)          # (B, T, C)
         if wte.requires_grad:
             # The head weight is wte^T, so wte's gradient is (x^T dlogits)^T = dlogits^T x.

@@ -268,3 +268,32 @@ def test_numpy_and_cupy_agree(dtype, tol):
     for name in results[0][1]:
         if not name.endswith("k_proj.bias"):
             assert relative_error(results[0][1][name], results[1][1][name]) < tol, name
+
+
+def test_backward_checks_the_shape_of_dlogits_and_keeps_the_cache():
+    model = ml.GPT(TINY)
+    idx = np.array([[1, 2, 3]])
+    logits = model.forward(idx)
+    with pytest.raises(ValueError, match=r"dlogits has shape \(1, 3, 5\).*logits have shape \(1, 3, 11\)"):
+        model.backward(np.ones((1, 3, 5), dtype=logits.dtype))
+    model.backward(np.ones_like(logits))              # the refused call left the cache in place
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_backward_casts_dlogits_to_the_model_dtype():
+    """A float32 model given float64 dlogits (or the reverse) computes what it would with
+    dlogits in its own dtype, as PyTorch's autograd casts a gradient to its tensor's."""
+    rng = np.random.default_rng(0)
+    idx = np.array([[1, 2, 3], [4, 5, 6]])
+    for model_dtype, other in ((np.float32, np.float64), (np.float64, np.float32)):
+        model = ml.GPT(TINY, dtype=model_dtype)
+        dlogits = rng.standard_normal((2, 3, TINY.vocab_size)).astype(model_dtype)
+        model.forward(idx)
+        model.backward(dlogits)
+        expected = {n: p.grad.copy() for n, p in model.named_parameters()}
+        model.zero_grad()
+        model.forward(idx)
+        model.backward(dlogits.astype(other))
+        for n, p in model.named_parameters():
+            assert p.grad.dtype == model_dtype
+            np.testing.assert_allclose(p.grad, expected[n], rtol=1e-5, atol=1e-6, err_msg=n)
