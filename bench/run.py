@@ -257,6 +257,38 @@ def interleaved_timing(fns: Sequence[Tuple[str, Callable[[], object], Callable[[
     return times
 
 
+def paired_timing(fns: Sequence[Tuple[str, Callable[[], object], Callable[[], None]]],
+                  trials: int) -> Dict[str, List[float]]:
+    """Time contenders that do the same work, one call each per trial, back to back.
+
+    ``fns`` holds (name, fn, sync); the order rotates every trial (ABC, BCA, CAB, ...) so
+    no contender always runs first. Calls a few milliseconds apart share the machine's
+    state of the moment -- its load, the hypervisor's steal, the clock -- so the ratio of
+    two contenders' times *within* a trial cancels the drift that separates two blocks
+    of calls seconds apart. Returns name -> seconds, one value per trial.
+    """
+    times: Dict[str, List[float]] = {name: [] for name, _, _ in fns}
+    for t in range(trials):
+        k = t % len(fns)
+        for name, fn, sync in list(fns[k:]) + list(fns[:k]):
+            times[name].append(time_once(fn, sync))
+    return times
+
+
+def paired_ratio(times: Dict[str, List[float]], a: str, b: str) -> Optional[float]:
+    """The median over trials of a's time / b's time (see :func:`paired_timing`)."""
+    if not times.get(a) or not times.get(b):
+        return None
+    return median([ta / tb for ta, tb in zip(times[a], times[b])])
+
+
+def trials_for(seconds_per_trial: float, budget_s: float, least: int, cap: int = 101) -> int:
+    """Trials of :func:`paired_timing` that fit ``budget_s``, but at least ``least``."""
+    if seconds_per_trial <= 0:
+        return cap
+    return max(least, min(cap, int(budget_s / seconds_per_trial)))
+
+
 def steps_for(seconds_per_call: float, min_block_s: float, cap: int = 50) -> int:
     """How many calls make a timed block of at least ``min_block_s`` seconds."""
     if seconds_per_call <= 0:
@@ -1103,15 +1135,27 @@ def bench_inference(bc: BenchConfig, args, device: str = "cpu",
         return v[a][key] / v[b][key] if key in v.get(a, {}) and key in v.get(b, {}) else None
     rec["ratio_base"] = ratio("base", "pytorch_base")
     rec["ratio_lora"] = ratio("lora_unmerged", "pytorch_lora")
-    rec["merged_time_over_base"] = ratio("lora_merged", "base", "forward_s_median")
-    rec["unmerged_time_over_base"] = ratio("lora_unmerged", "base", "forward_s_median")
+    # merged vs base: the same products, so the true ratio is 1 and what a ratio of two
+    # medians of separate blocks measures is mostly the machine's drift between them.
+    # Paired trials (one call of each, back to back, see paired_timing) measure it.
+    rec["merged_time_over_base_blocks"] = ratio("lora_merged", "base", "forward_s_median")
+    rec["unmerged_time_over_base_blocks"] = ratio("lora_unmerged", "base", "forward_s_median")
+    rec["merged_time_over_base"] = rec["unmerged_time_over_base"] = None
+    mine = [(name, fn, s) for name, fn, s in contenders if name in models]
+    if len(mine) == len(models):
+        one_trial = sum(time_once(fn, s) for _, fn, s in mine)
+        trials = trials_for(one_trial, budget_s=1.0 if args.quick else 4.0, least=5 if args.quick else 11)
+        paired = paired_timing(mine, trials)
+        rec["paired_trials"] = trials
+        rec["merged_time_over_base"] = paired_ratio(paired, "lora_merged", "base")
+        rec["unmerged_time_over_base"] = paired_ratio(paired, "lora_unmerged", "base")
     rec["loadavg_after"] = loadavg()
     if "tokens_per_s" in v["base"]:
         msg = f"        minilora base {v['base']['tokens_per_s']:,.0f} tok/s"
         if rec["ratio_base"]:
             msg += f", PyTorch {v['pytorch_base']['tokens_per_s']:,.0f} tok/s, ratio {rec['ratio_base']:.2f}"
         if rec["merged_time_over_base"]:
-            msg += f"; merged/base time {rec['merged_time_over_base']:.3f}"
+            msg += f"; merged/base time {rec['merged_time_over_base']:.3f} ({rec['paired_trials']} paired trials)"
         log(msg)
     return rec
 
@@ -1369,6 +1413,12 @@ def markdown(res: Dict[str, object]) -> str:
                      f"{_fmt(r.get('merged_time_over_base'), '.3f')} | "
                      f"{_spreads(v.get('base') or {}, v.get('pytorch_base') or {})} | "
                      f"{_fmt(r.get('steal_fraction'), '.1%')} | {'yes' if r['validated'] else '**REFUSED** (partly)'} |")
+        paired = [f"{r['config']['name']} {r['paired_trials']}" for r in res["inference"] if r.get("paired_trials")]
+        if paired:
+            L += ["", "*merged ÷ base time*: the median over paired trials (one call of each minilora variant, "
+                  "back to back, the order rotating) of merged time ÷ base time; trials: " + ", ".join(paired) + ". "
+                  "The ratio of the two columns' medians, blocks of calls seconds apart, is in the JSON "
+                  "(merged_time_over_base_blocks)."]
         L.append("")
     if res["generation"]:
         L += ["## Generation (greedy, batch 1)", "",

@@ -86,6 +86,7 @@ def test_quick_run_writes_validated_results(tmp_path):
     for name in ("base", "lora_unmerged", "lora_merged"):
         assert inf["variants"][name]["validated"] is True
         assert inf["variants"][name]["tokens_per_s"] > 0
+    assert inf["paired_trials"] >= 5 and inf["merged_time_over_base"] > 0 and inf["merged_time_over_base_blocks"] > 0
     (gen,) = res["generation"]
     assert gen["validated"] is True and gen["validation"]["identical_tokens"] is True
     assert gen["speedup"] > 0
@@ -202,6 +203,27 @@ def test_no_torch_flag_skips_the_pytorch_side(bench):
     assert rec["validated"] is True
     assert "pytorch" not in rec and "PyTorch" in rec["pytorch_skipped"]
     assert rec["minilora"]["tokens_per_s"] > 0
+
+
+def test_paired_timing_rotates_the_order_and_pairs_trial_by_trial(bench, monkeypatch):
+    calls = []
+    clock = iter(range(10_000))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    def contender(name, cost):
+        def fn():
+            calls.append(name)
+            for _ in range(cost - 1):            # each call takes `cost` ticks of the fake clock
+                next(clock)
+        return name, fn, lambda: None
+    times = bench.paired_timing([contender("a", 1), contender("b", 2), contender("c", 3)], trials=4)
+    assert calls == list("abc" "bca" "cab" "abc")
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert times["a"] == [1.0] * 4 and times["c"] == [3.0] * 4
+    assert bench.paired_ratio(times, "c", "a") == 3.0
+    assert bench.paired_ratio(times, "c", "missing") is None
+    assert bench.trials_for(0.5, budget_s=4.0, least=11) == 11
+    assert bench.trials_for(0.01, budget_s=4.0, least=11) == 101
+    assert bench.trials_for(0.1, budget_s=4.0, least=11) == 40
 
 
 def test_steal_and_spread(bench):
