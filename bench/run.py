@@ -820,9 +820,33 @@ def file_sizes(bc: BenchConfig) -> Dict[str, object]:
     return {"checkpoint_bytes": ckpt, "adapter_bytes": adapter, "ratio": adapter / ckpt}
 
 
+def paired_training_steps(bc: BenchConfig, args, device: str = "cpu") -> Dict[str, object]:
+    """minilora's full and LoRA training steps of one config in paired trials (see
+    :func:`paired_timing`): the step function and models the training rows validated,
+    built again the same way. Returns the trials and each mode's median step time."""
+    idx, targets = make_batch(bc)
+    idx_d, tg_d = backend.to_device(idx, device), backend.to_device(targets, device)
+    sync = Sync(device).minilora
+    contenders = []
+    for mode in ("full", "lora"):
+        model = build_minilora(bc, mode, device)
+        opt = minilora_adamw(model)
+        contenders.append((mode, (lambda m=model, o=opt: minilora_train_step(m, o, idx_d, tg_d)), sync))
+    one_trial = sum(time_once(fn, s) for _, fn, s in contenders)       # also the warm-up
+    trials = trials_for(one_trial, budget_s=1.0 if args.quick else 20.0, least=5 if args.quick else 9)
+    log(f"[lora-vs-full] {device} {bc.name}: {trials} paired trials of one full and one LoRA step")
+    times = paired_timing(contenders, trials)
+    return {"trials": trials, "step_s_full": median(times["full"]), "step_s_lora": median(times["lora"]),
+            "step_time_ratio": paired_ratio(times, "lora", "full"),
+            "step_s_full_trials": times["full"], "step_s_lora_trials": times["lora"]}
+
+
 def lora_vs_full(training: List[Dict[str, object]], memory: List[Dict[str, object]],
-                 device: str = "cpu") -> Optional[Dict[str, object]]:
-    """Medium (or the largest config measured) full vs LoRA, from the training records."""
+                 device: str = "cpu", args=None) -> Optional[Dict[str, object]]:
+    """Medium (or the largest config measured) full vs LoRA: counts and bytes from the
+    training records; the step time ratio from paired trials when ``args`` is given
+    (the ratio of the two records' medians, steps timed minutes apart, is kept as
+    ``step_time_ratio_blocks``)."""
     recs = [r for r in training if r["device"] == device]
     names = [r["config"]["name"] for r in recs]
     if not names:
@@ -838,7 +862,11 @@ def lora_vs_full(training: List[Dict[str, object]], memory: List[Dict[str, objec
     if out["validated"]:
         out["step_s_full"] = full["minilora"]["step_s_median"]
         out["step_s_lora"] = lora["minilora"]["step_s_median"]
-        out["step_time_ratio"] = out["step_s_lora"] / out["step_s_full"]
+        out["step_time_ratio"] = out["step_time_ratio_blocks"] = out["step_s_lora"] / out["step_s_full"]
+        if args is not None:
+            paired = paired_training_steps(bc, args, device)
+            out["paired"] = paired
+            out.update({k: paired[k] for k in ("step_s_full", "step_s_lora", "step_time_ratio")})
         out["trainable_full"] = full["params_trainable"]
         out["trainable_lora"] = lora["params_trainable"]
         out["grad_opt_bytes_full"] = full["grad_bytes"] + full["optimizer_state_bytes"]
@@ -1358,7 +1386,8 @@ def markdown(res: Dict[str, object]) -> str:
     if lvf and lvf.get("validated"):
         L += [f"## LoRA vs full fine-tuning ({lvf['config']})", "",
               "| | full | LoRA | LoRA ÷ full |", "|---|---:|---:|---:|",
-              f"| step time (minilora) | {lvf['step_s_full'] * 1e3:,.1f} ms | {lvf['step_s_lora'] * 1e3:,.1f} ms | "
+              f"| step time (minilora{', %d paired trials' % lvf['paired']['trials'] if 'paired' in lvf else ''}) | "
+              f"{lvf['step_s_full'] * 1e3:,.1f} ms | {lvf['step_s_lora'] * 1e3:,.1f} ms | "
               f"{lvf['step_time_ratio']:.3f} |",
               f"| trainable parameters | {lvf['trainable_full']:,} | {lvf['trainable_lora']:,} | "
               f"{lvf['trainable_lora'] / lvf['trainable_full']:.4%} |",
@@ -1372,8 +1401,14 @@ def markdown(res: Dict[str, object]) -> str:
             pm = lvf.get(f"peak_memory_{mode}")
             if pm and "minilora" in pm:
                 L.append(f"| training memory, {mode} (minilora) | | | {_mib(pm['minilora']['training_bytes'])} |")
+        if "paired" in lvf:
+            L.append(f"| step time (minilora, the training rows' medians) | | | {lvf['step_time_ratio_blocks']:.3f} |")
         if "pytorch_step_time_ratio" in lvf:
-            L.append(f"| step time (PyTorch) | | | {lvf['pytorch_step_time_ratio']:.3f} |")
+            L.append(f"| step time (PyTorch, the training rows' medians) | | | {lvf['pytorch_step_time_ratio']:.3f} |")
+        if "paired" in lvf:
+            L += ["", "The minilora step time ratio is the median over paired trials (one full and one LoRA "
+                  "step, back to back, the order alternating) of LoRA time ÷ full time; the training rows time "
+                  "each mode in blocks minutes apart, and their ratio carries the machine's drift between them."]
         L.append("")
     if res["memory"]:
         L += ["## Peak training memory (fresh process per side; high-water RSS minus the RSS before the first step)", "",
@@ -1570,7 +1605,7 @@ def run(args) -> Dict[str, object]:
             res["inference"].append(bench_inference(bc, args, "cpu"))
     if not args.no_generation:
         res["generation"].append(bench_generation(args, "cpu"))
-    res["lora_vs_full"] = lora_vs_full(res["training"], res["memory"], "cpu")
+    res["lora_vs_full"] = lora_vs_full(res["training"], res["memory"], "cpu", args)
     if args.profile and (args.cpu_configs or args.profile != "largest"):
         if args.profile == "largest":
             target = max(args.cpu_configs, key=lambda c: training_flops(c, "full"))
@@ -1604,7 +1639,7 @@ def run(args) -> Dict[str, object]:
                 res["inference"].append(bench_inference(bc, args, "cuda"))
         if not args.no_generation:
             res["generation"].append(bench_generation(args, "cuda"))
-        res["lora_vs_full_cuda"] = lora_vs_full(res["training"], [], "cuda")
+        res["lora_vs_full_cuda"] = lora_vs_full(res["training"], [], "cuda", args)
 
     res["loadavg_end"] = loadavg()
     res["wall_s"] = time.perf_counter() - t_start

@@ -95,6 +95,8 @@ def test_quick_run_writes_validated_results(tmp_path):
         assert m["minilora"]["training_bytes"] is not None
     lvf = res["lora_vs_full"]
     assert lvf["validated"] is True
+    assert lvf["paired"]["trials"] >= 5 and len(lvf["paired"]["step_s_lora_trials"]) == lvf["paired"]["trials"]
+    assert lvf["step_time_ratio"] == lvf["paired"]["step_time_ratio"] > 0 and lvf["step_time_ratio_blocks"] > 0
     assert lvf["trainable_lora"] < lvf["trainable_full"]
     assert 0 < lvf["files"]["adapter_bytes"] < lvf["files"]["checkpoint_bytes"]
     assert all(t["status"] in ("pass", "miss") or t["status"].startswith("not measured") for t in res["targets"])
