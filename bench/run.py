@@ -289,6 +289,16 @@ def trials_for(seconds_per_trial: float, budget_s: float, least: int, cap: int =
     return max(least, min(cap, int(budget_s / seconds_per_trial)))
 
 
+def sized_paired_timing(fns: Sequence[Tuple[str, Callable[[], object], Callable[[], None]]],
+                        budget_s: float, least: int) -> Tuple[int, Dict[str, List[float]]]:
+    """:func:`paired_timing` with as many trials as fit ``budget_s`` (at least ``least``),
+    judged from one untimed trial that also warms every contender up. Returns
+    (trials, times)."""
+    one_trial = sum(time_once(fn, s) for _, fn, s in fns)
+    trials = trials_for(one_trial, budget_s, least)
+    return trials, paired_timing(fns, trials)
+
+
 def steps_for(seconds_per_call: float, min_block_s: float, cap: int = 50) -> int:
     """How many calls make a timed block of at least ``min_block_s`` seconds."""
     if seconds_per_call <= 0:
@@ -832,10 +842,9 @@ def paired_training_steps(bc: BenchConfig, args, device: str = "cpu") -> Dict[st
         model = build_minilora(bc, mode, device)
         opt = minilora_adamw(model)
         contenders.append((mode, (lambda m=model, o=opt: minilora_train_step(m, o, idx_d, tg_d)), sync))
-    one_trial = sum(time_once(fn, s) for _, fn, s in contenders)       # also the warm-up
-    trials = trials_for(one_trial, budget_s=1.0 if args.quick else 20.0, least=5 if args.quick else 9)
+    trials, times = sized_paired_timing(contenders, budget_s=1.0 if args.quick else 20.0,
+                                        least=5 if args.quick else 9)
     log(f"[lora-vs-full] {device} {bc.name}: {trials} paired trials of one full and one LoRA step")
-    times = paired_timing(contenders, trials)
     return {"trials": trials, "step_s_full": median(times["full"]), "step_s_lora": median(times["lora"]),
             "step_time_ratio": paired_ratio(times, "lora", "full"),
             "step_s_full_trials": times["full"], "step_s_lora_trials": times["lora"]}
@@ -1171,9 +1180,8 @@ def bench_inference(bc: BenchConfig, args, device: str = "cpu",
     rec["merged_time_over_base"] = rec["unmerged_time_over_base"] = None
     mine = [(name, fn, s) for name, fn, s in contenders if name in models]
     if len(mine) == len(models):
-        one_trial = sum(time_once(fn, s) for _, fn, s in mine)
-        trials = trials_for(one_trial, budget_s=1.0 if args.quick else 4.0, least=5 if args.quick else 11)
-        paired = paired_timing(mine, trials)
+        trials, paired = sized_paired_timing(mine, budget_s=1.0 if args.quick else 4.0,
+                                             least=5 if args.quick else 11)
         rec["paired_trials"] = trials
         rec["merged_time_over_base"] = paired_ratio(paired, "lora_merged", "base")
         rec["unmerged_time_over_base"] = paired_ratio(paired, "lora_unmerged", "base")
