@@ -71,6 +71,7 @@ for _p in (BENCH_DIR, REPO_ROOT):          # benchmark this checkout's minilora
 
 import minilora as ml  # noqa: E402
 from minilora import backend  # noqa: E402
+from minilora.train import model_generators  # noqa: E402
 
 NO_TORCH_ENV = "MINILORA_BENCH_NO_TORCH"   # set in minilora's memory probes: PyTorch stays out
 if os.environ.get(NO_TORCH_ENV) == "1":
@@ -212,19 +213,15 @@ def median(xs: Sequence[float]) -> float:
 
 
 class Sync:
-    """Waits for a device's queued work: a no-op on the CPU; cupy's device
-    synchronize and torch.cuda.synchronize on a GPU (timers must not stop early)."""
+    """Waits for a device's queued work: a no-op on the CPU; the device's synchronize
+    (minilora.backend.synchronize) and torch.cuda.synchronize on a GPU (timers must not
+    stop early)."""
 
     def __init__(self, device: str):
         self.device = device
-        self._cupy = None
-        if device == "cuda":
-            import cupy  # only when a GPU was found
-            self._cupy = cupy
 
     def minilora(self) -> None:
-        if self._cupy is not None:
-            self._cupy.cuda.Device().synchronize()
+        backend.synchronize(self.device)
 
     def torch(self) -> None:
         if self.device == "cuda" and torch is not None:
@@ -665,7 +662,10 @@ def validate_training(model, opt, tm, topt, idx, targets, device: str = "cpu") -
 
 def float64_copy(model):
     """The same model with every parameter in float64 (a deep copy, on the CPU)."""
-    m64 = copy.deepcopy(model)
+    # CuPy's generators hold a lock and cannot be deep-copied: the copy gets None in
+    # their place, and .to("cpu") below gives its dropout layers CPU generators again.
+    not_copied = {id(gen): None for _, gen in model_generators(model) if not isinstance(gen, np.random.Generator)}
+    m64 = copy.deepcopy(model, not_copied)
     if m64.device != "cpu":
         m64.to("cpu")
     for p in m64.parameters():

@@ -62,6 +62,14 @@ def to_device(x, device: str):
     return _cupy.asarray(x)
 
 
+def synchronize(device: str) -> None:
+    """Wait until ``device`` has finished the work queued on it. A GPU runs CuPy's calls
+    asynchronously -- a call returns once its kernel is queued -- so a clock read right
+    after them stops early; read it after this. A no-op on the CPU."""
+    if check_device(device) == "cuda":
+        _cupy.cuda.Device().synchronize()
+
+
 def to_numpy(x) -> np.ndarray:
     """A NumPy copy (or view) of ``x`` wherever it lives: for printing, saving and tests."""
     return to_device(x, "cpu")
@@ -91,7 +99,11 @@ def default_rng(seed, device: str = "cpu"):
 def scatter_add(target, indices, values) -> None:
     """``target[indices] += values``, adding repeated indices up (unbuffered), in place.
 
-    NumPy spells this ``np.add.at``; CuPy spells it ``cupyx.scatter_add``.
+    NumPy spells this ``np.add.at``; CuPy spells it ``cupyx.scatter_add``. NumPy adds in
+    index order, so its result is the same to the last bit on every run; CuPy's kernel
+    adds with atomic operations in whatever order the GPU's threads arrive, so where
+    several values land on one element, the rounding -- the last bits -- may differ from
+    run to run.
     """
     if get_array_module(target) is np:
         np.add.at(target, indices, values)

@@ -72,7 +72,7 @@ def _step_time(model: GPT, x, y, steps: int):
     as large as its parameter, and only trainable parameters have one."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = AdamW(params, lr=1e-6)       # a tiny lr: we time the step, not learn from it
-    xp = backend.get_array_module(model.parameters()[0].data)
+    device = backend.device_of(model.parameters()[0].data)
     times = []
     for _ in range(steps + 1):         # the first step warms caches and allocators up
         start = time.perf_counter()
@@ -80,8 +80,7 @@ def _step_time(model: GPT, x, y, steps: int):
         model.zero_grad()
         model.backward(dlogits)
         opt.step()
-        if xp is not np:
-            xp.cuda.Device().synchronize()
+        backend.synchronize(device)    # a GPU runs the step asynchronously
         times.append(time.perf_counter() - start)
     model.zero_grad()
     return float(np.median(times[1:])), opt.state_bytes(), sum(p.data.nbytes for p in params)

@@ -22,9 +22,13 @@ the dropout generators inside the model). Resuming restores the saved parameters
 name into the model (strictly: the names must match), then the rest, and the losses
 that follow are the very floats an uninterrupted run computes.
 
-Limitation: on CuPy the dropout generators live on the GPU and their state is not
+Limitations on CuPy: the dropout generators live on the GPU and their state is not
 saved, so a resumed GPU run with dropout draws other (equally valid) masks; a warning
-says so. Everything else, the batch sampler included, resumes exactly on both backends.
+says so. And the embedding's gradient adds repeated tokens' rows with the GPU's atomic
+additions, in no fixed order (:func:`minilora.backend.scatter_add`), so its last bits
+-- and from them a GPU run's later losses -- may differ from one run to the next,
+resumed or not. Everything else, the batch sampler included, resumes exactly on both
+backends, and on the CPU every float of a resumed run equals the uninterrupted one's.
 
 Letters: B batch, T time (sequence length), V vocabulary size.
 """
@@ -300,7 +304,7 @@ def _from_jsonable(value):
     return value
 
 
-def _model_generators(model: Module):
+def model_generators(model: Module):
     """(name, generator) for every random generator held by a module of the model, e.g.
     ``blocks.0.mlp.dropout.rng`` or ``blocks.0.attn.attn_dropout_rng``."""
     for module_name, module in model.named_modules():
@@ -313,7 +317,7 @@ def rng_states(model: Module) -> Tuple[Dict[str, dict], List[str]]:
     """The state of every NumPy generator in the model, by name (JSON-ready), and the
     names of generators whose state cannot be saved (CuPy's, on the GPU)."""
     saved, unsaved = {}, []
-    for name, gen in _model_generators(model):
+    for name, gen in model_generators(model):
         if isinstance(gen, np.random.Generator):
             saved[name] = _jsonable(gen.bit_generator.state)
         else:
@@ -328,7 +332,7 @@ def set_rng_states(model: Module, states: Dict[str, dict], unsaved: Sequence[str
     structure). A generator that cannot be restored -- its state was not saved, or it now
     lives on the GPU -- keeps its current state; their names are returned.
     """
-    own = dict(_model_generators(model))
+    own = dict(model_generators(model))
     if set(own) != set(states) | set(unsaved):
         raise ValueError(f"random generators differ from the checkpoint's: missing in the "
                          f"checkpoint {sorted(set(own) - set(states) - set(unsaved))}, not in the "
@@ -576,6 +580,7 @@ def train(model: Module, train_batches: Callable[[np.random.Generator], Batch],
             optimizer.step()
             run.step = step
 
+            backend.synchronize(device)          # a GPU may still be running the step
             tokens_per_s = int(x.size) / max(time.perf_counter() - t0, 1e-9)
             run.train_history.append(StepRecord(step, loss, lr, tokens_per_s))
             val_loss = None
