@@ -2,6 +2,8 @@
 
     python -m pytest                         # NumPy, fast hypothesis profile (CI)
     python -m pytest --backend cupy          # the same suite on a CUDA GPU
+    python -m pytest --backend fake-cupy     # the suite with a NumPy stand-in as CuPy:
+                                             # checks that host and device arrays never mix
     HYPOTHESIS_PROFILE=thorough python -m pytest   # many more examples per property
 """
 import os
@@ -22,8 +24,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 
 def pytest_addoption(parser):
-    parser.addoption("--backend", action="store", default="numpy", choices=("numpy", "cupy"),
-                     help="array backend the tests run on (cupy needs a CUDA GPU)")
+    parser.addoption("--backend", action="store", default="numpy", choices=("numpy", "cupy", "fake-cupy"),
+                     help="array backend the tests run on (cupy needs a CUDA GPU; fake-cupy is "
+                          "tests/fake_cupy.py in CuPy's place: NumPy math, CuPy's rules on mixing "
+                          "host and device arrays)")
+
+
+def pytest_configure(config):
+    if config.getoption("--backend") == "fake-cupy":
+        import fake_cupy
+        fake_cupy.install()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,10 +51,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def device(pytestconfig) -> str:
     """'cpu' or 'cuda', from --backend."""
-    return "cuda" if pytestconfig.getoption("--backend") == "cupy" else "cpu"
+    return "cpu" if pytestconfig.getoption("--backend") == "numpy" else "cuda"
 
 
 @pytest.fixture(scope="session")
 def xp(device):
-    """The array module under test (numpy, or cupy with --backend cupy)."""
+    """The array module under test (numpy, or cupy with --backend cupy or fake-cupy)."""
     return backend.get_array_module(backend.to_device(np.zeros(1), device))
