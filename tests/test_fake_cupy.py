@@ -164,15 +164,40 @@ def test_ops_take_host_ids_and_scalar_gradients_on_the_device(fake_gpu):
         np.testing.assert_array_equal(backend.to_numpy(dx), backend.to_numpy(dx_from_array))
 
 
+def _bench_module():
+    """bench/run.py, loaded as tests/test_bench.py loads it (once per session)."""
+    bench = sys.modules.get("bench_run")
+    if bench is None:
+        spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).parent.parent / "bench" / "run.py")
+        bench = importlib.util.module_from_spec(spec)
+        sys.modules["bench_run"] = bench      # dataclasses look their module up while it loads
+        spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_gpu_part_on_the_device(fake_gpu):
+    """The benchmark's GPU measurements -- what the owed GPU run will execute -- on a
+    micro model, without PyTorch (a CPU build has no CUDA side): every one validated."""
+    bench = _bench_module()
+    args = bench.parse_args(["--configs", "micro=64/16/1/2/32/2", "--gpu-configs", "micro=64/16/1/2/32/2",
+                             "--no-torch", "--threads", "1", "--rounds", "1", "--warmup", "0",
+                             "--min-block-s", "0.001", "--gen-model", "micro=64/16/1/2/32/1",
+                             "--gen-new-tokens", "8"])
+    assert bench.peak_matmul("cuda", 64, repeats=1)["validated"]
+    (micro,) = args.gpu_config_list
+    training = [bench.bench_training(micro, mode, args, "cuda", None) for mode in ("full", "lora")]
+    assert all(r["validated"] and r["device"] == "cuda" for r in training), training
+    inference = bench.bench_inference(micro, args, "cuda")
+    assert all(v["validated"] for v in inference["variants"].values()), inference
+    generation = bench.bench_generation(args, "cuda")
+    assert generation["validated"] and generation["device"] == "cuda", generation
+    assert bench.lora_vs_full(training, [], "cuda", args)
+
+
 def test_bench_float64_copy_of_a_device_model(fake_gpu):
     """The benchmark's float64 reference copy of a model on the GPU (its fallback check
     without PyTorch): device generators cannot be deep-copied, so it leaves them out."""
-    bench = sys.modules.get("bench_run")
-    if bench is None:                        # loaded as tests/test_bench.py loads it
-        spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).parent.parent / "bench" / "run.py")
-        bench = importlib.util.module_from_spec(spec)
-        sys.modules["bench_run"] = bench
-        spec.loader.exec_module(bench)
+    bench = _bench_module()
     model = ml.GPT(ml.GPTConfig(vocab_size=48, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.1),
                    seed=0).to("cuda")
     with pytest.raises(TypeError):          # what the stand-in (and CuPy) refuse
