@@ -66,8 +66,10 @@ def synchronize(device: str) -> None:
     """Wait until ``device`` has finished the work queued on it. A GPU runs CuPy's calls
     asynchronously -- a call returns once its kernel is queued -- so a clock read right
     after them stops early; read it after this. A no-op on the CPU."""
-    if check_device(device) == "cuda":
+    if device == "cuda" and _cupy is not None:
         _cupy.cuda.Device().synchronize()
+    elif device not in DEVICES or device == "cuda":
+        check_device(device)              # raises the error that names the problem
 
 
 def to_numpy(x) -> np.ndarray:

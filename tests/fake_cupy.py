@@ -22,8 +22,13 @@ CuPy fails them:
   model on the device fails unless it leaves the generators out.
 
 The math is NumPy's, so this says nothing about CuPy's numerics, kernels or speed:
-it is not a GPU test, only a check of where arrays live. (NumPy index arrays are
-accepted in ``x[idx]``, and NumPy scalars everywhere, as CuPy accepts them.)
+it is not a GPU test, only a check of where arrays live. Nor is its API CuPy's: every
+NumPy function is there, where CuPy has a subset (random generators are the exception:
+they offer CuPy's methods only). NumPy index arrays are accepted in ``x[idx]``, and
+NumPy scalars everywhere, as CuPy accepts them; a host array (or a list) as an
+operand, or as the value assigned into a device array, is refused -- CuPy does
+transfer a host value assigned through an integer-array index, but minilora's rule is
+that nothing crosses without ``to_device``.
 
 Use: ``python -m pytest --backend fake-cupy`` runs the whole suite with this module
 as ``cupy`` and "cuda" as the device; ``install()`` and ``uninstall()`` do the same
@@ -58,6 +63,8 @@ def _to_host_operand(value, allow_host_arrays: bool = False):
         raise _mixing_error(value)
     if isinstance(value, (list, tuple)):
         converted = [_to_host_operand(v, allow_host_arrays) for v in value]
+        if hasattr(value, "_fields"):                          # a namedtuple
+            return type(value)(*converted)
         return type(value)(converted) if isinstance(value, tuple) else converted
     if isinstance(value, dict):
         return {k: _to_host_operand(v, allow_host_arrays) for k, v in value.items()}
@@ -93,6 +100,15 @@ def _to_device_result(value):
     return value
 
 
+def _refuse_sequences(operands):
+    """CuPy takes arrays and scalars as a ufunc's or an operator's operands, never a list
+    or a tuple (NumPy would convert one: an array built on the host)."""
+    for value in operands:
+        if isinstance(value, (list, tuple)):
+            raise TypeError(f"Unsupported type {type(value)}: CuPy does not convert a "
+                            "sequence operand; make it an array on the device first")
+
+
 def _device_call(function, args, kwargs, allow_host_arrays: bool = False):
     args = _to_host_operand(args, allow_host_arrays)
     kwargs = _to_host_operand(kwargs, allow_host_arrays)
@@ -123,6 +139,7 @@ class ndarray:
     # ---- NumPy's protocols: run the device version, with the same rule ---------------
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        _refuse_sequences(inputs if method == "__call__" else inputs[:1])
         return _device_call(getattr(ufunc, method), inputs, kwargs)
 
     def __array_function__(self, function, types_, args, kwargs):
@@ -162,6 +179,16 @@ class ndarray:
     def __repr__(self):
         return "fake_cupy." + repr(self._data)
 
+    # copies are new device arrays; pickling goes through the host, as CuPy's does
+    def __copy__(self):
+        return _wrap(self._data.copy())
+
+    def __deepcopy__(self, memo):
+        return _wrap(self._data.copy())
+
+    def __reduce__(self):
+        return asarray, (self.get(),)
+
     def __str__(self):
         return str(self._data)
 
@@ -184,6 +211,7 @@ class ndarray:
 
 def _binary(ufunc, reflected=False):
     def operator(self, other):
+        _refuse_sequences([other])
         if reflected:
             return _device_call(ufunc, (other, self), {})
         return _device_call(ufunc, (self, other), {})
@@ -192,6 +220,7 @@ def _binary(ufunc, reflected=False):
 
 def _in_place(ufunc):
     def operator(self, other):
+        _refuse_sequences([other])
         ufunc(self._data, _to_host_operand(other), out=self._data)
         return self
     return operator
@@ -226,6 +255,8 @@ class _DeviceFunction:
         self.__name__ = getattr(function, "__name__", repr(function))
 
     def __call__(self, *args, **kwargs):
+        if isinstance(self._function, np.ufunc):
+            _refuse_sequences(args)
         return _device_call(self._function, args, kwargs)
 
     def __getattr__(self, name):
@@ -290,11 +321,22 @@ def _default_rng(seed=None):
 
 
 class _DeviceGenerator:
+    """CuPy's ``Generator``: its sampling methods only (no ``choice``, ``permutation``
+    or ``shuffle``), drawing device arrays."""
+
+    METHODS = ("beta", "binomial", "chisquare", "dirichlet", "exponential", "f", "gamma",
+               "geometric", "hypergeometric", "integers", "logseries", "poisson", "power",
+               "random", "standard_exponential", "standard_gamma", "standard_normal",
+               "uniform")                                  # CuPy 14's, from its dir()
+
     def __init__(self, generator):
         self._generator = generator
+        self.bit_generator = generator.bit_generator
         self.lock = threading.Lock()          # CuPy's BitGenerator keeps one: no deepcopy
 
     def __getattr__(self, name):
+        if name not in self.METHODS:
+            raise AttributeError(f"cupy.random.Generator has no attribute {name!r}")
         return _DeviceFunction(getattr(self._generator, name))
 
 
@@ -329,6 +371,7 @@ for _name, _value in {"ndarray": ndarray, "asarray": asarray, "array": array,
     setattr(cupy, _name, _value)
 cupy.random = _DeviceNamespace("cupy.random", np.random)
 cupy.random.default_rng = _default_rng
+cupy.random.Generator = _DeviceGenerator
 cupy.cuda = types.SimpleNamespace(runtime=_runtime, Device=_Device,
                                   get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
 
@@ -337,6 +380,8 @@ def _scatter_add(a, slices, value):
     """``a[slices] += value`` with repeated indices added up, in place."""
     if not isinstance(a, ndarray):
         raise TypeError(f"cupyx.scatter_add needs a device array, got {type(a)}")
+    if a.dtype not in (np.int32, np.uint32, np.uint64, np.float16, np.float32, np.float64):
+        raise TypeError(f"cupyx.scatter_add does not support {a.dtype}")
     np.add.at(a._data, _to_host_operand(slices, allow_host_arrays=True), _to_host_operand(value))
 
 

@@ -41,10 +41,10 @@ def embedding_backward(dy, cache: EmbeddingCache):
     idx[n] * C + 0 .. C-1. That is the same additions in the same order as
     ``np.add.at(dtable, idx, dy)`` on whole rows, so the result is identical to the last
     bit (on the CPU: a GPU adds repeated rows in no fixed order, see
-    :func:`minilora.backend.scatter_add`); but NumPy runs ``add.at`` with one flat index per element in a fast loop and
-    the row form in a general one. Measured on the benchmark configs' token embeddings
-    (one thread): 1.2 -> 0.23 ms tiny, 4.9 -> 0.9 ms small, 9.8 -> 2.8 ms medium, where
-    zeroing the 16 MiB table is most of what is left.
+    :func:`minilora.backend.scatter_add`); but NumPy runs ``add.at`` with one flat index
+    per element in a fast loop and the row form in a general one. Measured on the
+    benchmark configs' token embeddings (one thread): 1.2 -> 0.23 ms tiny, 4.9 -> 0.9 ms
+    small, 9.8 -> 2.8 ms medium, where zeroing the 16 MiB table is most of what is left.
     """
     xp = get_array_module(dy)
     idx, (V, C) = cache

@@ -98,8 +98,8 @@ def gelu_backward(dy, cache: GeluCache, out=None):
     x = cache.x
     xp = get_array_module(x)
     dx = output_array(x.shape, x.dtype, xp, out, "gelu_backward")
-    if not isinstance(dy, xp.ndarray):              # a scalar: CuPy broadcasts arrays only
-        dy = xp.asarray(dy, dtype=x.dtype)
+    if np.isscalar(dy):                             # CuPy's broadcast_to takes arrays only
+        dy = xp.asarray(dy)
     dy = xp.broadcast_to(dy, x.shape)               # dy may broadcast (a scalar, say)
     # Chunks of 2^17 elements: the kernel's three scratch arrays then take 1.5 MiB per
     # thread, where the default chunk would make them 12 MiB in all (medium config) at

@@ -10,6 +10,8 @@ outside it.
 import functools
 from typing import NamedTuple
 
+import numpy as np
+
 from ..backend import get_array_module
 from ..threads import as_rows, map_row_blocks
 
@@ -78,8 +80,8 @@ def layernorm_backward(dy, cache: LayerNormCache, need_dweight: bool = True, nee
     """
     xhat, rstd, weight = cache
     xp = get_array_module(xhat)
-    if not isinstance(dy, xp.ndarray):                  # a scalar: CuPy broadcasts arrays only
-        dy = xp.asarray(dy, dtype=xhat.dtype)
+    if np.isscalar(dy):                                 # CuPy's broadcast_to takes arrays only
+        dy = xp.asarray(dy)
     dy = xp.broadcast_to(dy, xhat.shape)                # dy may broadcast (a scalar, say)
     dy_rows, xhat_rows = as_rows(dy), as_rows(xhat)      # (N, C)
     # sum over rows of dy * xhat, without the (N, C) product as a temporary
