@@ -56,8 +56,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minilora as ml
-from minilora.ops.attention import attention_forward
+from minilora.ops.attention import QUERY_BLOCK, attention_forward
 from minilora.ops.gelu import gelu_forward
+from minilora.ops.softmax import softmax_forward
 
 FAST = os.environ.get("MINILORA_FAST") == "1" or "--fast" in sys.argv
 _HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
@@ -68,10 +69,10 @@ ml.keep_freed_memory()      # reuse freed memory instead of asking the OS for fr
 
 if FAST:   # small enough for CI: seconds
     CONFIG = ml.GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=64)
-    BATCH, STEPS, PEAK_N, ARRAY = 8, 3, 512, (512, 512)
+    BATCH, STEPS, PEAK_N, ARRAY_SHAPE = 8, 3, 512, (512, 512)
 else:      # the benchmark's "small" config: the numbers a reader should see
     CONFIG = ml.GPTConfig(vocab_size=2048, block_size=128, n_layer=4, n_head=4, n_embd=256)
-    BATCH, STEPS, PEAK_N, ARRAY = 8, 5, 2048, (1024, 1024)
+    BATCH, STEPS, PEAK_N, ARRAY_SHAPE = 8, 5, 2048, (1024, 1024)
 print(f"mode: {'fast' if FAST else 'full'}; figures go to {FIGURES}; "
       f"{ml.threads.get_num_threads()} threads for elementwise work")
 
@@ -92,7 +93,7 @@ def best_of(fn, repeats: int = 5) -> float:
 # ## 1. A step's work, and how much of the machine it uses
 #
 # Almost all of a GPT's arithmetic is in its linear layers. A linear layer with weight
-# $W$ (I, O) applied to N rows costs $2NIO$ floating-point operations forward (a
+# $W$ (I, O) applied to n rows costs $2nIO$ floating-point operations forward (a
 # multiply and an add per weight per row); its backward costs twice that, $dx = dy\,W^\top$
 # and $dW = x^\top dy$, one product each. So a training step costs
 #
@@ -102,7 +103,8 @@ def best_of(fn, repeats: int = 5) -> float:
 # $q, k, v, o$ ($C^2$ each) and the MLP ($C \cdot 4C$ twice), $12C^2$; plus the output
 # head, the token embedding used as a $C \times V$ matrix. Attention's own products,
 # $q k^\top$ and $p\,v$, cost $2 \cdot 2 B T^2 C$ per layer forward, three times that with
-# the backward. (Embedding lookups, LayerNorm, GELU and softmax are linear in the
+# the backward (counted over the whole $T \times T$ matrix, as the benchmark counts it,
+# although section 6 shows minilora skipping part of it). (Embedding lookups, LayerNorm, GELU and softmax are linear in the
 # number of elements: negligible in FLOPs, not in time, as section 2 shows.)
 
 # %%
@@ -148,8 +150,8 @@ print(f"training step: {step_s * 1e3:.1f} ms, {B * T / step_s:,.0f} tokens/s, MF
 
 # %% [markdown]
 # MFU says how close a step comes to spending all its time in large, efficient
-# products. On the benchmark's medium config (bench/README.md) minilora reaches about
-# 60–72% on a 2-core CPU, PyTorch about 75%; on tiny models much less, for both — many
+# products. On the benchmark's medium config minilora reached 59–72% on a 2-core CPU
+# over three recorded runs, PyTorch 63–75% (README.md, "Performance"); on tiny models much less, for both — many
 # small operations, each with a fixed cost.
 #
 # ## 2. Where the time goes
@@ -158,8 +160,11 @@ print(f"training step: {step_s * 1e3:.1f} ms, {B * T / step_s:,.0f} tokens/s, MF
 # gives the time of each op. An operator (`@`, `*`) or a ufunc (`np.exp`) is charged to
 # the function that calls it; NumPy's methods and builtins (`.max()`, `.sum()`,
 # `np.einsum`) are listed on their own, and land in "NumPy reductions, Python, other".
-# The matrix products sit in `ops/linear.py`; the output head's weight gradient is one
-# product written in `gpt.py`.
+# The linear layers' products sit in `ops/linear.py`, attention's own products in
+# `ops/attention.py`, and the output head's weight gradient is one product written in
+# `gpt.py`. Two caveats: cProfile's clock is wall time, and it sees only the main
+# thread -- what the worker threads of section 5 compute shows up only as the main
+# thread "waiting for worker threads".
 
 # %%
 profiler = cProfile.Profile()
@@ -168,10 +173,13 @@ for _ in range(STEPS):
     train_step()
 profiler.disable()
 
-by_file = {}
-for (filename, _, function), (_, _, own, _, _) in pstats.Stats(profiler).stats.items():
-    if "minilora" in filename:
-        where = filename.split("minilora" + os.sep)[-1]
+PACKAGE = os.path.dirname(ml.__file__) + os.sep
+by_file, linear_calls = {}, 0
+for (filename, _, function), (_, calls, own, _, _) in pstats.Stats(profiler).stats.items():
+    if function == "linear_forward" and filename.startswith(PACKAGE):
+        linear_calls += calls
+    if filename.startswith(PACKAGE):
+        where = filename[len(PACKAGE):]
     elif function.startswith("<method 'acquire'"):
         where = "waiting for worker threads"
     else:
@@ -184,9 +192,10 @@ labels = {"ops/linear.py": "ops/linear.py (the matrix products)",
 by_file = {labels.get(where, where): seconds for where, seconds in by_file.items()}
 total = sum(by_file.values())
 ranking = sorted(by_file.items(), key=lambda kv: kv[1], reverse=True)
-for where, seconds in ranking[:10]:
+for where, seconds in ranking[:9]:
     print(f"  {where:<38} {seconds * 1e3:8.2f} ms  {100 * seconds / total:5.1f}%")
-assert labels["ops/linear.py"] in by_file and labels["optim.py"] in by_file, "the profile should see the ops"
+assert linear_calls == (6 * L + 1) * STEPS, \
+    f"the profile should see 6 linear layers per block and the head per step, got {linear_calls} calls"
 
 top = ranking[:9][::-1]
 fig, ax = plt.subplots(figsize=(8.5, 4))
@@ -205,34 +214,37 @@ plt.close(fig)
 # ## 3. Three pitfalls
 #
 # * `x ** 3` on a float array calls the general power function (logarithm and
-#   exponential per element); `x * x * x` is two multiplications.
+#   exponential per element); `x * x * x` is two multiplications. (NumPy special-cases
+#   `x ** 2` as a square; other exponents pay.)
 # * `np.einsum` contracts with its own loops unless told `optimize=True`, which lets it
-#   hand a product to the BLAS; `@` always does.
+#   hand a *matrix product* to the BLAS; `@` on float32 or float64 arrays always does.
+#   For a sum along an axis -- minilora's row sums -- plain `einsum` is the fast way.
 # * float64 moves twice the bytes and does half the arithmetic per instruction.
 
 # %%
-x = np.random.default_rng(2).standard_normal(ARRAY, dtype=np.float32)
+x = np.random.default_rng(2).standard_normal(ARRAY_SHAPE, dtype=np.float32)
 power, repeated = best_of(lambda: x ** 3), best_of(lambda: x * x * x)
 np.testing.assert_allclose(x ** 3, x * x * x, rtol=1e-6)
 print(f"x ** 3: {power * 1e3:.2f} ms, x * x * x: {repeated * 1e3:.2f} ms ({power / repeated:.0f}x)")
 
-m = ARRAY[0] // 2
-p, q = x[:m, :m].copy(), x[:m, :].copy()
-plain, blas = best_of(lambda: np.einsum("ij,jk->ik", p, q), 3), best_of(lambda: p @ q)
-np.testing.assert_allclose(np.einsum("ij,jk->ik", p, q), p @ q, rtol=1e-4, atol=1e-4)
-print(f"einsum 'ij,jk->ik': {plain * 1e3:.2f} ms, p @ q: {blas * 1e3:.2f} ms ({plain / blas:.0f}x)")
+half = ARRAY_SHAPE[0] // 2
+left, right = x[:half, :half].copy(), x[:half, :].copy()
+plain, blas = best_of(lambda: np.einsum("ij,jk->ik", left, right), 3), best_of(lambda: left @ right)
+np.testing.assert_allclose(np.einsum("ij,jk->ik", left, right), left @ right, rtol=1e-4, atol=1e-4)
+print(f"einsum 'ij,jk->ik': {plain * 1e3:.2f} ms, left @ right: {blas * 1e3:.2f} ms ({plain / blas:.0f}x)")
 
 a64 = a.astype(np.float64)
-f64 = best_of(lambda: a64 @ a64, 3)
-print(f"{PEAK_N}^3 product in float64: {f64 * 1e3:.1f} ms, float32: {2 * PEAK_N ** 3 / peak * 1e3:.1f} ms")
+f32, f64 = best_of(lambda: a @ a, 3), best_of(lambda: a64 @ a64, 3)     # side by side
+print(f"{PEAK_N}^3 product in float64: {f64 * 1e3:.1f} ms, in float32: {f32 * 1e3:.1f} ms ({f64 / f32:.1f}x)")
 np.testing.assert_allclose(a @ a, a64 @ a64, rtol=1e-3, atol=1e-2 * math.sqrt(PEAK_N))
 
 # %% [markdown]
 # ## 4. Temporaries
 #
-# The textbook GELU, `0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))`, creates
-# a new array for every operator. NumPy frees each as soon as it is used, but several
-# are alive at once, and each one is memory the process must find, write and read again.
+# The textbook GELU, `0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))`, makes
+# NumPy create temporary arrays as it goes: it frees each as soon as it is used (and,
+# for large arrays, reuses a temporary in place where it can), but several are alive at
+# once, and each is memory the process must find, write and read again.
 # minilora's kernel (`minilora/ops/gelu.py`) writes every step into the output array
 # with `out=` and in-place operators, and uses the identity
 # $\tfrac12(1 + \tanh u) = \sigma(2u)$ to need one `exp` and no `tanh`. `tracemalloc` counts
@@ -245,11 +257,15 @@ def textbook_gelu(x):
 
 def peak_allocation(fn) -> int:
     """Bytes allocated at the peak while ``fn`` runs (its result included)."""
-    tracemalloc.start()
+    started_here = not tracemalloc.is_tracing()
+    if started_here:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
     before = tracemalloc.get_traced_memory()[0]
     result = fn()
     peak_bytes = tracemalloc.get_traced_memory()[1] - before
-    tracemalloc.stop()
+    if started_here:
+        tracemalloc.stop()
     del result
     return peak_bytes
 
@@ -271,49 +287,51 @@ assert kernel_peak <= 1.1 * x.nbytes, "the in-place kernel should allocate only 
 # same kernel on different blocks of rows at once. `minilora.threads.map_row_blocks`
 # does that for GELU, LayerNorm, softmax, cross-entropy and AdamW: each row is computed
 # by the same code as in one whole-array call, so the result is the same to the last
-# bit, whatever the number of threads. (Handing work to a thread costs tens to hundreds
-# of microseconds, so small arrays stay on one.)
+# bit, whatever the number of threads -- also for softmax, whose row sums are
+# reductions, because a row is never split between threads. (Handing work to a thread
+# costs tens to hundreds of microseconds, so small arrays stay on one.)
 
 # %%
 big = np.random.default_rng(3).standard_normal((2048, 1024), dtype=np.float32)
 threads = ml.threads.get_num_threads()
-results, seconds = {}, {}
-for n in sorted({1, max(2, threads)}):
-    ml.threads.set_num_threads(n)
-    results[n] = gelu_forward(big)[0]
-    seconds[n] = best_of(lambda: gelu_forward(big))
-ml.threads.set_num_threads(threads)
-counts = sorted(results)
-assert all(np.array_equal(results[counts[0]], results[n]) for n in counts), "threads changed the result"
-print("GELU of (2048, 1024): " + ", ".join(f"{n} thread{'s' * (n > 1)} {seconds[n] * 1e3:.2f} ms"
-                                           for n in counts) + "; results bit-identical")
+counts = sorted({1, max(2, threads)})
+for name, op in (("GELU", lambda: gelu_forward(big)[0]), ("softmax", lambda: softmax_forward(big)[0])):
+    results, seconds = {}, {}
+    for n in counts:
+        ml.threads.set_num_threads(n)
+        results[n] = op()
+        seconds[n] = best_of(op)
+    ml.threads.set_num_threads(threads)
+    assert all(np.array_equal(results[counts[0]], results[n]) for n in counts), f"threads changed {name}"
+    print(f"{name} of (2048, 1024): " + ", ".join(f"{n} thread{'s' * (n > 1)} {seconds[n] * 1e3:.2f} ms"
+                                                for n in counts) + "; results bit-identical")
 
 # %% [markdown]
 # ## 6. Skipping what the mask throws away
 #
 # Causal attention computes a $(T, T)$ score matrix and then sets its upper triangle to
 # $-\infty$: nearly half the scores, exponentials and products are computed only to be
-# discarded. minilora's attention takes the queries in blocks of 128
-# (`QUERY_BLOCK`); the block of queries $a..b-1$ can see keys $0..b-1$ only, so it
+# discarded. minilora's attention takes the queries in blocks of `QUERY_BLOCK` = 128; the block of queries $a..b-1$ can see keys $0..b-1$ only, so it
 # computes a $(b - a) \times b$ matrix. For $T = m \cdot 128$ that is
 # $128^2 (1 + 2 + \dots + m) = 128^2\, m(m+1)/2$ scores instead of $T^2$ — three quarters
 # at $T = 256$, $9/16$ at $T = 1024$ — and every row's softmax still runs over all the keys
 # it may see, so the output is the same.
 
 # %%
-Ta, Ha, Ca = 256, 4, 64
-q, k, v = (np.random.default_rng(4 + i).standard_normal((2, Ta, Ca)) for i in range(3))
-y_blocks, cache_blocks = attention_forward(q, k, v, Ha, query_block=128)
-y_full, cache_full = attention_forward(q, k, v, Ha, query_block=Ta)
+assert QUERY_BLOCK == 128, "the prose above assumes blocks of 128 queries"
+ATT_BATCH, ATT_T, ATT_HEADS, ATT_C = 2, 256, 4, 64
+q_in, k_in, v_in = (np.random.default_rng(4 + i).standard_normal((ATT_BATCH, ATT_T, ATT_C)) for i in range(3))
+y_blocks, cache_blocks = attention_forward(q_in, k_in, v_in, ATT_HEADS)               # blocks of 128
+y_full, cache_full = attention_forward(q_in, k_in, v_in, ATT_HEADS, query_block=ATT_T)  # one block
 np.testing.assert_allclose(y_blocks, y_full, rtol=1e-12, atol=1e-12)
-stored = sum(block.softmax.p.size for block in cache_blocks.blocks) // (2 * Ha)
-m_blocks = Ta // 128
-assert stored == 128 ** 2 * m_blocks * (m_blocks + 1) // 2, "each block should hold (b - a) x b scores"
-print(f"T = {Ta}: {stored:,} scores per head in blocks of 128, {Ta * Ta:,} in one block "
-      f"({stored / Ta ** 2:.0%}); outputs equal to {np.abs(y_blocks - y_full).max():.0e}")
+stored = sum(block.softmax.p.size for block in cache_blocks.blocks) // (ATT_BATCH * ATT_HEADS)
+m_blocks = ATT_T // QUERY_BLOCK
+assert stored == QUERY_BLOCK ** 2 * m_blocks * (m_blocks + 1) // 2, "each block should hold (b - a) x b scores"
+print(f"T = {ATT_T}: {stored:,} scores per head in blocks of {QUERY_BLOCK}, {ATT_T ** 2:,} in one block "
+      f"({stored / ATT_T ** 2:.0%}); outputs differ by {np.abs(y_blocks - y_full).max():.0e}")
 for T_long in (512, 1024, 2048):
-    mb = T_long // 128
-    print(f"  T = {T_long}: {128 ** 2 * mb * (mb + 1) // 2 / T_long ** 2:.0%} of the scores")
+    mb = T_long // QUERY_BLOCK
+    print(f"  T = {T_long}: {QUERY_BLOCK ** 2 * mb * (mb + 1) // 2 / T_long ** 2:.0%} of the scores")
 
 # %% [markdown]
 # ## 7. Timing on a shared machine
@@ -329,11 +347,16 @@ for T_long in (512, 1024, 2048):
 #   the machine's load as much as A and B.
 #
 # The experiment: A and B are the *same* function, so the true ratio is exactly 1. We
-# estimate it both ways, many times.
+# estimate it both ways, many times, the two ways taking turns. The two blocks are only
+# about 50 ms apart, and that is enough for the machine's load to move between them; on
+# a quiet machine the two histograms can look alike.
 
 # %%
+work_input = np.random.default_rng(5).standard_normal(ARRAY_SHAPE, dtype=np.float32)
+
+
 def same_work():
-    return gelu_forward(x)[0].sum()
+    return gelu_forward(work_input)[0].sum()
 
 
 def block_median(calls: int) -> float:
@@ -351,7 +374,7 @@ def blocks_ratio(calls: int = 11) -> float:
     return block_median(calls) / a_s
 
 
-def paired_ratio(trials: int = 11) -> float:
+def paired_ratio(trials: int = 12) -> float:
     ratios = []
     for trial in range(trials):
         pair = []
@@ -365,8 +388,10 @@ def paired_ratio(trials: int = 11) -> float:
 
 
 estimates = 12 if FAST else 40
-blocks = [blocks_ratio() for _ in range(estimates)]
-paired = [paired_ratio() for _ in range(estimates)]
+blocks, paired = [], []
+for _ in range(estimates):                 # the two methods take turns, too
+    blocks.append(blocks_ratio())
+    paired.append(paired_ratio())
 for name, values in (("blocks", blocks), ("paired", paired)):
     print(f"{name}: ratio of identical work {min(values):.3f} .. {max(values):.3f} "
           f"(median {statistics.median(values):.3f})")
