@@ -65,25 +65,47 @@ def _dir_bytes(paths: List[str]) -> int:
     return sum(os.path.getsize(p) for p in paths)
 
 
-def _step_time(model: GPT, x, y, steps: int):
-    """Time ``steps`` training steps (forward, backward, AdamW) on batch x, y.
+def _paired_step_times(full: GPT, lora: GPT, x, y, trials: int):
+    """Time training steps (forward, backward, AdamW) on batch x, y of the fully
+    trainable model and of the LoRA model in ``trials`` paired trials: one step of each,
+    back to back, the order alternating. Two blocks of steps timed one after the other
+    would also measure how the machine's load moved between them; within a trial both
+    steps see the same moment.
 
-    Returns (median seconds per step, AdamW state bytes, gradient bytes): a gradient is
-    as large as its parameter, and only trainable parameters have one."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = AdamW(params, lr=1e-6)       # a tiny lr: we time the step, not learn from it
-    device = backend.device_of(model.parameters()[0].data)
-    times = []
-    for _ in range(steps + 1):         # the first step warms caches and allocators up
-        start = time.perf_counter()
-        _, dlogits = cross_entropy(model.forward(x), y, overwrite_logits=True)   # as minilora.train
-        model.zero_grad()
-        model.backward(dlogits)
-        opt.step()
-        backend.synchronize(device)    # a GPU runs the step asynchronously
-        times.append(time.perf_counter() - start)
-    model.zero_grad()
-    return float(np.median(times[1:])), opt.state_bytes(), sum(p.data.nbytes for p in params)
+    Returns ((full median seconds, AdamW state bytes, gradient bytes), (the same for
+    LoRA), the median over trials of LoRA time / full time). A gradient is as large as
+    its parameter, and only trainable parameters have one."""
+    def stepper(model: GPT):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = AdamW(params, lr=1e-6)   # a tiny lr: we time the step, not learn from it
+        device = backend.device_of(model.parameters()[0].data)
+
+        def step() -> float:
+            start = time.perf_counter()
+            _, dlogits = cross_entropy(model.forward(x), y, overwrite_logits=True)   # as minilora.train
+            model.zero_grad()
+            model.backward(dlogits)
+            opt.step()
+            backend.synchronize(device)   # a GPU runs the step asynchronously
+            return time.perf_counter() - start
+        return step, opt, params
+
+    (full_step, full_opt, full_params), (lora_step, lora_opt, lora_params) = stepper(full), stepper(lora)
+    full_step(), lora_step()           # the first steps warm caches and allocators up
+    full_times, lora_times = [], []
+    for trial in range(trials):
+        if trial % 2 == 0:
+            full_times.append(full_step())
+            lora_times.append(lora_step())
+        else:
+            lora_times.append(lora_step())
+            full_times.append(full_step())
+    full.zero_grad()
+    lora.zero_grad()
+    ratio = float(np.median([lt / ft for lt, ft in zip(lora_times, full_times)]))
+    return ((float(np.median(full_times)), full_opt.state_bytes(), sum(p.data.nbytes for p in full_params)),
+            (float(np.median(lora_times)), lora_opt.state_bytes(), sum(p.data.nbytes for p in lora_params)),
+            ratio)
 
 
 def _sample(model: GPT, tokenizer, prompt: str, n: int, seed: int) -> str:
@@ -148,22 +170,23 @@ def run_demo(out_dir: str = "minilora_demo", config: DemoConfig = DemoConfig(), 
     base_stories_loss = evaluate(model, stories_eval())
     base_sample = _sample(model, tokenizer, "Recipe:", c.sample_tokens, c.seed)
 
-    # 3. time one step of full fine-tuning on recipes, on a copy of the base -------------
-    rng = np.random.default_rng(c.seed)
-    x, y = text_batches(recipes_train, c.batch_size, c.block_size)(rng)
-    x, y = backend.to_device(x, device), backend.to_device(y, device)
-    full_copy = io.load_model(os.path.join(out_dir, "base"), device=device)
-    full_step, full_optimizer_bytes, full_grad_bytes = _step_time(full_copy, x, y, c.timing_steps)
-    del full_copy
-
-    # 4. LoRA fine-tune -----------------------------------------------------------------
+    # 3. LoRA on the base; one training step of it and of full fine-tuning (on a copy of
+    #    the base), timed side by side on a batch of recipes ------------------------------
     base_parameters = model.num_parameters()
     lora_config = LoraConfig(r=c.lora_r, alpha=c.lora_alpha, target_modules=c.lora_targets)
     add_lora(model, lora_config, seed=c.seed)
     summary = lora_summary(model)
+    rng = np.random.default_rng(c.seed)
+    x, y = text_batches(recipes_train, c.batch_size, c.block_size)(rng)
+    x, y = backend.to_device(x, device), backend.to_device(y, device)
+    full_copy = io.load_model(os.path.join(out_dir, "base"), device=device)
+    ((full_step, full_optimizer_bytes, full_grad_bytes), (lora_step, lora_optimizer_bytes, lora_grad_bytes),
+     lora_over_full_step) = _paired_step_times(full_copy, model, x, y, c.timing_steps)
+    del full_copy
+
+    # 4. LoRA fine-tune -----------------------------------------------------------------
     log(f"\n[2/3] LoRA fine-tuning on recipes, {c.finetune_steps} steps: r={c.lora_r}, "
         f"alpha={c.lora_alpha}, {summary.trainable:,} trainable parameters ({summary.percent_trainable:.2f}%)")
-    lora_step, lora_optimizer_bytes, lora_grad_bytes = _step_time(model, x, y, c.timing_steps)
     lora_run = train(model, text_batches(recipes_train, c.batch_size, c.block_size), recipes_eval,
                      TrainConfig(max_steps=c.finetune_steps, batch_size=c.batch_size, lr=c.finetune_lr,
                                  min_lr=c.finetune_lr / 10, warmup_steps=max(1, c.finetune_steps // 10),
@@ -201,6 +224,7 @@ def run_demo(out_dir: str = "minilora_demo", config: DemoConfig = DemoConfig(), 
         "adapter_bytes": adapter_bytes,
         "full_step_seconds": full_step,
         "lora_step_seconds": lora_step,
+        "lora_over_full_step": lora_over_full_step,
         "full_grad_plus_optimizer_bytes": full_grad_bytes + full_optimizer_bytes,
         "lora_grad_plus_optimizer_bytes": lora_grad_bytes + lora_optimizer_bytes,
         "base_val_loss_recipes": base_recipes_loss,
@@ -234,7 +258,8 @@ def format_table(r: Dict[str, object]) -> str:
         ("trainable parameters", f"{r['base_parameters']:,}",
          f"{r['trainable_parameters_lora']:,} ({r['trainable_percent_lora']:.2f}% of the base)"),
         ("saved file", f"{_kb(r['checkpoint_bytes'])} (checkpoint)", f"{_kb(r['adapter_bytes'])} (adapter)"),
-        ("time per training step", f"{1000 * r['full_step_seconds']:.1f} ms", f"{1000 * r['lora_step_seconds']:.1f} ms"),
+        ("time per training step", f"{1000 * r['full_step_seconds']:.1f} ms",
+         f"{1000 * r['lora_step_seconds']:.1f} ms ({r['lora_over_full_step']:.2f}x, paired)"),
         ("gradients + AdamW state", _kb(r["full_grad_plus_optimizer_bytes"]), _kb(r["lora_grad_plus_optimizer_bytes"])),
         ("", "base model", "LoRA-adapted"),
         ("val loss on recipes (target)", f"{r['base_val_loss_recipes']:.3f}", f"{r['adapted_val_loss_recipes']:.3f}"),

@@ -47,6 +47,7 @@ def test_demo_quick_is_honest(tmp_path, capsys):
     assert abs(results["merged_val_loss_recipes"] - results["adapted_val_loss_recipes"]) < 1e-4
     assert results["adapter_bytes"] < results["checkpoint_bytes"] / 4
     assert results["lora_grad_plus_optimizer_bytes"] < results["full_grad_plus_optimizer_bytes"] / 4
+    assert results["lora_over_full_step"] > 0 and f"{results['lora_over_full_step']:.2f}x, paired" in out
     for name in ("loss_curves.png", "samples.txt", "tokenizer.json", "adapter/adapter_config.json",
                  "base/model.safetensors"):
         assert (tmp_path / "demo" / name).is_file(), name

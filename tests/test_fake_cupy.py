@@ -143,7 +143,7 @@ def test_demo_on_the_device_gives_the_cpus_numbers(fake_gpu, tmp_path, capsys):
         assert main(["demo", "--quick", "--quiet", "--device", device, "--out", str(out)]) == 0, capsys.readouterr()
         results[device] = json.loads((out / "results.json").read_text())
     capsys.readouterr()
-    measured_or_named = {"device", "seconds", "full_step_seconds", "lora_step_seconds"}
+    measured_or_named = {"device", "seconds", "full_step_seconds", "lora_step_seconds", "lora_over_full_step"}
     assert measured_or_named < set(results["cpu"]) and results["cuda"]["device"] == "cuda"
     for key, value in results["cpu"].items():
         if key not in measured_or_named:
