@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .. import threads
 from ..backend import get_array_module, output_array
 from ..threads import as_rows, map_row_blocks
 
@@ -102,10 +103,11 @@ def gelu_backward(dy, cache: GeluCache, out=None):
     if np.isscalar(dy):                             # CuPy's broadcast_to takes arrays only
         dy = xp.asarray(dy)
     dy = xp.broadcast_to(dy, x.shape)               # dy may broadcast (a scalar, say)
-    # Chunks of 2^17 elements: the kernel's three scratch arrays then take 1.5 MiB per
-    # thread, where the default chunk would make them 12 MiB in all (medium config) at
-    # the step's peak. Measured on 2 threads, it is also the fastest: 7.5 ms on
-    # (1024, 2048) against 14.7 ms with 2^19 and 9.1 ms with 2^16 (the same on smaller
-    # arrays).
-    map_row_blocks(_gelu_backward_kernel, as_rows(dx), as_rows(dy), as_rows(x), chunk_size=1 << 17)
+    # Chunks of a quarter of the usual size (2^17 elements): the kernel's three scratch
+    # arrays then take 1.5 MiB per thread, where the usual chunk would make them 12 MiB
+    # in all (medium config) at the step's peak. Measured on 2 threads, it is also the
+    # fastest: 7.5 ms on (1024, 2048) against 14.7 ms with 2^19 and 9.1 ms with 2^16
+    # (the same on smaller arrays).
+    map_row_blocks(_gelu_backward_kernel, as_rows(dx), as_rows(dy), as_rows(x),
+                   chunk_size=max(1, threads.CHUNK_SIZE // 4))
     return dx
