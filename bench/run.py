@@ -71,6 +71,7 @@ for _p in (BENCH_DIR, REPO_ROOT):          # benchmark this checkout's minilora
 
 import minilora as ml  # noqa: E402
 from minilora import backend  # noqa: E402
+from minilora.timing import paired_ratio, paired_timing, time_once  # noqa: E402
 from minilora.train import model_generators  # noqa: E402
 
 NO_TORCH_ENV = "MINILORA_BENCH_NO_TORCH"   # set in minilora's memory probes: PyTorch stays out
@@ -254,31 +255,6 @@ def interleaved_timing(fns: Sequence[Tuple[str, Callable[[], object], Callable[[
     return times
 
 
-def paired_timing(fns: Sequence[Tuple[str, Callable[[], object], Callable[[], None]]],
-                  trials: int) -> Dict[str, List[float]]:
-    """Time contenders that do the same work, one call each per trial, back to back.
-
-    ``fns`` holds (name, fn, sync); the order rotates every trial (ABC, BCA, CAB, ...) so
-    no contender always runs first. Calls a few milliseconds apart share the machine's
-    state of the moment -- its load, the hypervisor's steal, the clock -- so the ratio of
-    two contenders' times *within* a trial cancels the drift that separates two blocks
-    of calls seconds apart. Returns name -> seconds, one value per trial.
-    """
-    times: Dict[str, List[float]] = {name: [] for name, _, _ in fns}
-    for t in range(trials):
-        k = t % len(fns)
-        for name, fn, sync in list(fns[k:]) + list(fns[:k]):
-            times[name].append(time_once(fn, sync))
-    return times
-
-
-def paired_ratio(times: Dict[str, List[float]], a: str, b: str) -> Optional[float]:
-    """The median over trials of a's time / b's time (see :func:`paired_timing`)."""
-    if not times.get(a) or not times.get(b):
-        return None
-    return median([ta / tb for ta, tb in zip(times[a], times[b])])
-
-
 def trials_for(seconds_per_trial: float, budget_s: float, least: int, cap: int = 101) -> int:
     """Trials of :func:`paired_timing` that fit ``budget_s``, but at least ``least``."""
     if seconds_per_trial <= 0:
@@ -301,14 +277,6 @@ def steps_for(seconds_per_call: float, min_block_s: float, cap: int = 50) -> int
     if seconds_per_call <= 0:
         return cap
     return max(1, min(cap, math.ceil(min_block_s / seconds_per_call)))
-
-
-def time_once(fn: Callable[[], object], sync: Callable[[], None]) -> float:
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
 
 
 # ======================================================================================

@@ -27,6 +27,7 @@ from .gpt import GPT, GPTConfig, cross_entropy
 from .lora import LoraConfig, add_lora, lora_summary, merge_lora, unmerge_lora
 from .nn import no_grad
 from .optim import AdamW
+from .timing import paired_ratio, paired_timing, time_once
 from .tokenizer import BPETokenizer
 from .train import TrainConfig, evaluate, text_batches, text_eval_batches, train
 
@@ -75,37 +76,28 @@ def _paired_step_times(full: GPT, lora: GPT, x, y, trials: int):
     Returns ((full median seconds, AdamW state bytes, gradient bytes), (the same for
     LoRA), the median over trials of LoRA time / full time). A gradient is as large as
     its parameter, and only trainable parameters have one."""
-    def stepper(model: GPT):
+    def contender(name: str, model: GPT):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = AdamW(params, lr=1e-6)   # a tiny lr: we time the step, not learn from it
         device = backend.device_of(model.parameters()[0].data)
 
-        def step() -> float:
-            start = time.perf_counter()
+        def step():
             _, dlogits = cross_entropy(model.forward(x), y, overwrite_logits=True)   # as minilora.train
             model.zero_grad()
             model.backward(dlogits)
             opt.step()
-            backend.synchronize(device)   # a GPU runs the step asynchronously
-            return time.perf_counter() - start
-        return step, opt, params
+        return (name, step, lambda: backend.synchronize(device)), opt, params
 
-    (full_step, full_opt, full_params), (lora_step, lora_opt, lora_params) = stepper(full), stepper(lora)
-    full_step(), lora_step()           # the first steps warm caches and allocators up
-    full_times, lora_times = [], []
-    for trial in range(trials):
-        if trial % 2 == 0:
-            full_times.append(full_step())
-            lora_times.append(lora_step())
-        else:
-            lora_times.append(lora_step())
-            full_times.append(full_step())
-    full.zero_grad()
-    lora.zero_grad()
-    ratio = float(np.median([lt / ft for lt, ft in zip(lora_times, full_times)]))
-    return ((float(np.median(full_times)), full_opt.state_bytes(), sum(p.data.nbytes for p in full_params)),
-            (float(np.median(lora_times)), lora_opt.state_bytes(), sum(p.data.nbytes for p in lora_params)),
-            ratio)
+    models = {"full": full, "lora": lora}
+    measured = {name: contender(name, model) for name, model in models.items()}
+    for (_, step, sync), _, _ in measured.values():
+        time_once(step, sync)          # the first steps warm caches and allocators up
+    times = paired_timing([c for c, _, _ in measured.values()], trials)
+    for model in models.values():
+        model.zero_grad()
+    costs = {name: (float(np.median(times[name])), opt.state_bytes(), sum(p.data.nbytes for p in params))
+             for name, (_, opt, params) in measured.items()}
+    return costs["full"], costs["lora"], paired_ratio(times, "lora", "full")
 
 
 def _sample(model: GPT, tokenizer, prompt: str, n: int, seed: int) -> str:
