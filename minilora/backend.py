@@ -68,8 +68,8 @@ def synchronize(device: str) -> None:
     after them stops early; read it after this. A no-op on the CPU."""
     if device == "cuda" and _cupy is not None:
         _cupy.cuda.Device().synchronize()
-    elif device not in DEVICES or device == "cuda":
-        check_device(device)              # raises the error that names the problem
+    elif device != "cpu":
+        check_device(device)              # unknown, or "cuda" without CuPy: the error names it
 
 
 def to_numpy(x) -> np.ndarray:
@@ -111,6 +111,15 @@ def scatter_add(target, indices, values) -> None:
         np.add.at(target, indices, values)
     else:
         _cupyx.scatter_add(target, indices, values)
+
+
+def broadcast_to(x, shape, xp):
+    """A read-only view of ``x`` broadcast to ``shape``, where ``x`` may also be a Python
+    or NumPy scalar (an upstream gradient of 1.0, say): NumPy's ``broadcast_to`` takes
+    one, CuPy's takes arrays only, so a scalar first becomes a 0-d array of ``xp``."""
+    if np.isscalar(x):
+        x = xp.asarray(x)
+    return xp.broadcast_to(x, shape)
 
 
 def output_array(shape, dtype, xp, out, op: str):

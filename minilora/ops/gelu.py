@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import threads
-from ..backend import get_array_module, output_array
+from ..backend import broadcast_to, get_array_module, output_array
 from ..threads import as_rows, map_row_blocks
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -100,9 +100,7 @@ def gelu_backward(dy, cache: GeluCache, out=None):
     x = cache.x
     xp = get_array_module(x)
     dx = output_array(x.shape, x.dtype, xp, out, "gelu_backward")
-    if np.isscalar(dy):                             # CuPy's broadcast_to takes arrays only
-        dy = xp.asarray(dy)
-    dy = xp.broadcast_to(dy, x.shape)               # dy may broadcast (a scalar, say)
+    dy = broadcast_to(dy, x.shape, xp)              # dy may broadcast (a scalar, say)
     # Chunks of a quarter of the usual size (2^17 elements): the kernel's three scratch
     # arrays then take 1.5 MiB per thread, where the usual chunk would make them 12 MiB
     # in all (medium config) at the step's peak. Measured on 2 threads, it is also the

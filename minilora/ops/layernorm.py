@@ -10,9 +10,7 @@ outside it.
 import functools
 from typing import NamedTuple
 
-import numpy as np
-
-from ..backend import get_array_module
+from ..backend import broadcast_to, get_array_module
 from ..threads import as_rows, map_row_blocks
 
 
@@ -80,9 +78,7 @@ def layernorm_backward(dy, cache: LayerNormCache, need_dweight: bool = True, nee
     """
     xhat, rstd, weight = cache
     xp = get_array_module(xhat)
-    if np.isscalar(dy):                                 # CuPy's broadcast_to takes arrays only
-        dy = xp.asarray(dy)
-    dy = xp.broadcast_to(dy, xhat.shape)                # dy may broadcast (a scalar, say)
+    dy = broadcast_to(dy, xhat.shape, xp)               # dy may broadcast (a scalar, say)
     dy_rows, xhat_rows = as_rows(dy), as_rows(xhat)      # (N, C)
     # sum over rows of dy * xhat, without the (N, C) product as a temporary
     dweight = xp.einsum("nc,nc->c", dy_rows, xhat_rows) if need_dweight else None  # (C,)
