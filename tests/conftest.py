@@ -6,13 +6,17 @@
                                              # checks that host and device arrays never mix
     HYPOTHESIS_PROFILE=thorough python -m pytest   # many more examples per property
 """
+import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
 from minilora import backend
+
+BENCH_RUN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "run.py")
 
 # The fast profile is derandomized: CI tests the same examples on every run, so a
 # result never depends on the draw; the thorough profile explores at random.
@@ -46,6 +50,19 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """bench/run.py as a module (it is a script beside the package, not part of it),
+    loaded once for every test that calls its functions."""
+    module = sys.modules.get("bench_run")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("bench_run", BENCH_RUN_PY)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_run"] = module  # dataclasses look their module up while it loads
+        spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -27,15 +27,6 @@ FAST = ["--threads", "1", "--rounds", "1", "--warmup", "0", "--min-block-s", "0.
         "--memory-steps", "1"]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_run", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_run"] = module      # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
 def has_torch() -> bool:
     return importlib.util.find_spec("torch") is not None
 

@@ -11,10 +11,7 @@ which branches the code takes for a GPU array, differ).
 ``python -m pytest --backend fake-cupy`` runs the whole suite this way.
 """
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,21 +172,9 @@ def test_ops_take_host_ids_and_scalar_gradients_on_the_device(fake_gpu):
             backward(np.full((2, 4), 0.5), cache)
 
 
-def _bench_module():
-    """bench/run.py, loaded as tests/test_bench.py loads it (once per session)."""
-    bench = sys.modules.get("bench_run")
-    if bench is None:
-        spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).parent.parent / "bench" / "run.py")
-        bench = importlib.util.module_from_spec(spec)
-        sys.modules["bench_run"] = bench      # dataclasses look their module up while it loads
-        spec.loader.exec_module(bench)
-    return bench
-
-
-def test_bench_gpu_part_on_the_device(fake_gpu):
+def test_bench_gpu_part_on_the_device(fake_gpu, bench):
     """The benchmark's GPU measurements -- what the owed GPU run will execute -- on a
     micro model, without PyTorch (a CPU build has no CUDA side): every one validated."""
-    bench = _bench_module()
     args = bench.parse_args(["--configs", "micro=64/16/1/2/32/2", "--gpu-configs", "micro=64/16/1/2/32/2",
                              "--no-torch", "--threads", "1", "--rounds", "1", "--warmup", "0",
                              "--min-block-s", "0.001", "--gen-model", "micro=64/16/1/2/32/1",
@@ -206,10 +191,9 @@ def test_bench_gpu_part_on_the_device(fake_gpu):
     assert "refused" not in comparison and comparison["paired"]["step_time_ratio"] > 0, comparison
 
 
-def test_bench_float64_copy_of_a_device_model(fake_gpu):
+def test_bench_float64_copy_of_a_device_model(fake_gpu, bench):
     """The benchmark's float64 reference copy of a model on the GPU (its fallback check
     without PyTorch): device generators cannot be deep-copied, so it leaves them out."""
-    bench = _bench_module()
     model = ml.GPT(ml.GPTConfig(vocab_size=48, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.1),
                    seed=0).to("cuda")
     with pytest.raises(TypeError):          # what the stand-in (and CuPy) refuse
