@@ -59,6 +59,7 @@ import minilora as ml
 from minilora.ops.attention import QUERY_BLOCK, attention_forward
 from minilora.ops.gelu import gelu_forward
 from minilora.ops.softmax import softmax_forward
+from minilora.timing import paired_ratio, paired_timing
 
 FAST = os.environ.get("MINILORA_FAST") == "1" or "--fast" in sys.argv
 _HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
@@ -374,24 +375,20 @@ def blocks_ratio(calls: int = 11) -> float:
     return block_median(calls) / a_s
 
 
-def paired_ratio(trials: int = 12) -> float:
-    ratios = []
-    for trial in range(trials):
-        pair = []
-        for _ in range(2):
-            start = time.perf_counter()
-            same_work()
-            pair.append(time.perf_counter() - start)
-        a_s, b_s = pair if trial % 2 == 0 else pair[::-1]
-        ratios.append(b_s / a_s)
-    return statistics.median(ratios)
+def paired_trials_ratio(trials: int = 12) -> float:
+    """One call of A and one of B per trial, the order alternating, then the median over
+    trials of B's time / A's time: ``minilora.timing``, which the demo and the benchmark
+    use too."""
+    no_sync = lambda: None                   # noqa: E731 -- on a GPU: wait for its queue
+    times = paired_timing([("A", same_work, no_sync), ("B", same_work, no_sync)], trials)
+    return paired_ratio(times, "B", "A")
 
 
 estimates = 12 if FAST else 40
 blocks, paired = [], []
 for _ in range(estimates):                 # the two methods take turns, too
     blocks.append(blocks_ratio())
-    paired.append(paired_ratio())
+    paired.append(paired_trials_ratio())
 for name, values in (("blocks", blocks), ("paired", paired)):
     print(f"{name}: ratio of identical work {min(values):.3f} .. {max(values):.3f} "
           f"(median {statistics.median(values):.3f})")
