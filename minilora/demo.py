@@ -79,7 +79,7 @@ def _paired_step_times(full: GPT, lora: GPT, x, y, trials: int):
     def contender(name: str, model: GPT):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = AdamW(params, lr=1e-6)   # a tiny lr: we time the step, not learn from it
-        device = backend.device_of(model.parameters()[0].data)
+        device = model.device
 
         def step():
             _, dlogits = cross_entropy(model.forward(x), y, overwrite_logits=True)   # as minilora.train

@@ -59,7 +59,7 @@ import minilora as ml
 from minilora.ops.attention import QUERY_BLOCK, attention_forward
 from minilora.ops.gelu import gelu_forward
 from minilora.ops.softmax import softmax_forward
-from minilora.timing import paired_ratio, paired_timing
+from minilora.timing import paired_ratio, paired_timing, time_once
 
 FAST = os.environ.get("MINILORA_FAST") == "1" or "--fast" in sys.argv
 _HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
@@ -78,16 +78,15 @@ print(f"mode: {'fast' if FAST else 'full'}; figures go to {FIGURES}; "
       f"{ml.threads.get_num_threads()} threads for elementwise work")
 
 
+def no_sync():
+    """Nothing to wait for on the CPU (on a GPU: its queue, minilora.backend.synchronize)."""
+
+
 def best_of(fn, repeats: int = 5) -> float:
     """The fastest of a few calls, in seconds: the least disturbed by the rest of the
     machine (good for a single operation; a whole step is better summarised by a median)."""
     fn()                                       # warm up: caches, allocator, thread pools
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(time_once(fn, no_sync) for _ in range(repeats))
 
 
 # %% [markdown]
@@ -140,12 +139,7 @@ def train_step():
 
 
 train_step()
-step_times = []
-for _ in range(STEPS):
-    start = time.perf_counter()
-    train_step()
-    step_times.append(time.perf_counter() - start)
-step_s = statistics.median(step_times)
+step_s = statistics.median(time_once(train_step, no_sync) for _ in range(STEPS))
 mfu = step_flops / step_s / peak
 print(f"training step: {step_s * 1e3:.1f} ms, {B * T / step_s:,.0f} tokens/s, MFU {100 * mfu:.0f}%")
 
@@ -361,12 +355,7 @@ def same_work():
 
 
 def block_median(calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        same_work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_once(same_work, no_sync) for _ in range(calls))
 
 
 def blocks_ratio(calls: int = 11) -> float:
@@ -379,7 +368,6 @@ def paired_trials_ratio(trials: int = 12) -> float:
     """One call of A and one of B per trial, the order alternating, then the median over
     trials of B's time / A's time: ``minilora.timing``, which the demo and the benchmark
     use too."""
-    no_sync = lambda: None                   # noqa: E731 -- on a GPU: wait for its queue
     times = paired_timing([("A", same_work, no_sync), ("B", same_work, no_sync)], trials)
     return paired_ratio(times, "B", "A")
 
