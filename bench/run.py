@@ -47,9 +47,11 @@ if __name__ == "__main__":
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
@@ -1239,6 +1241,134 @@ def profile_step(bc: BenchConfig, mode: str = "full", top: int = 15) -> Dict[str
                     "the Python-level line that issued them"}
 
 
+# Modules that call minilora's linear op (each imported its two functions by name).
+LINEAR_OP_CALLERS = ("minilora.nn", "minilora.gpt", "minilora.lora")
+
+
+@contextlib.contextmanager
+def timed_linear_op(totals: Dict[str, float]):
+    """Inside the block, every call of minilora's linear op, forward or backward, adds
+    its seconds and its matrix products' FLOPs to ``totals`` ("seconds", "flops").
+
+    The op itself runs unchanged: the wrappers call minilora.ops.linear and return what
+    it returns. Its bias add and bias gradient are timed with its products (they cost
+    ~2% beside them), so the rate this gives is, if anything, low. The output head's
+    weight gradient (one product written in gpt.py) is not a linear op and is not seen.
+    """
+    from minilora.ops import linear as linear_op
+
+    def forward(x, W, b=None, keep_input=True):
+        t0 = time.perf_counter()
+        out = linear_op.linear_forward(x, W, b, keep_input)
+        totals["seconds"] += time.perf_counter() - t0
+        totals["flops"] += 2 * (x.size // W.shape[0]) * W.size           # (N, I) @ (I, O)
+        return out
+
+    def backward(dy, cache, need_dW=True, need_db=True):
+        t0 = time.perf_counter()
+        out = linear_op.linear_backward(dy, cache, need_dW, need_db)
+        totals["seconds"] += time.perf_counter() - t0
+        products = 2 if need_dW else 1                                   # dx, and dW
+        totals["flops"] += products * 2 * (dy.size // cache.W.shape[1]) * cache.W.size
+        return out
+
+    callers = [importlib.import_module(name) for name in LINEAR_OP_CALLERS]
+    saved = [(m, m.linear_forward, m.linear_backward) for m in callers]
+    try:
+        for m in callers:
+            m.linear_forward, m.linear_backward = forward, backward
+        yield totals
+    finally:
+        for m, f, b in saved:
+            m.linear_forward, m.linear_backward = f, b
+
+
+def linear_op_flops(bc: BenchConfig) -> int:
+    """FLOPs of the linear op's products in one full training step: forward, dx and dW of
+    the blocks' 12 C^2 weights, and the tied head's forward and dx (its dW is gpt.py's)."""
+    tokens, C = bc.B * bc.T, bc.C
+    return 3 * 2 * tokens * bc.L * 12 * C * C + 2 * 2 * tokens * bc.V * C
+
+
+def products_in_step(bc: BenchConfig, args) -> Dict[str, object]:
+    """The rate of the linear layers' matrix products *inside* the full training step,
+    minilora against PyTorch, in alternating rounds (``args.rounds``).
+
+    minilora's side: every call of its linear op is timed (:func:`timed_linear_op`);
+    the FLOPs it counts must equal :func:`linear_op_flops`, or the number is refused
+    (a product the wrappers did not see would inflate the rate). PyTorch's side:
+    ``aten::mm`` and ``aten::addmm`` with their FLOPs, as ``torch.profiler`` records
+    them; the profiler slows the rest of PyTorch's step, so only the products' rates
+    compare, not the steps. The two models are validated against each other first, as
+    for the training rows.
+    """
+    log(f"[products] {bc.name} full: validating ...")
+    record: Dict[str, object] = {"config": bc.name, "mode": "full", "rounds": []}
+    model = build_minilora(bc, "full")
+    opt = minilora_adamw(model)
+    idx, targets = make_batch(bc)
+    skip = torch_skip_reason(args)
+    tm = topt = None
+    if skip is None:
+        tm = build_torch(model, "cpu", args.torch_attention)
+        topt = torch_adamw(tm)
+        validation = validate_training(model, opt, tm, topt, idx, targets)
+    else:
+        record["pytorch_skipped"] = skip
+        validation = validate_training_without_torch(model, idx, targets)
+    problems = list(validation["problems"])
+    step = (lambda: minilora_train_step(model, opt, idx, targets))
+    counted = {"seconds": 0.0, "flops": 0}
+    with timed_linear_op(counted):
+        one = time_once(step, Sync("cpu").minilora)             # also a warm-up step
+    if counted["flops"] != linear_op_flops(bc):
+        problems.append(f"the wrappers counted {counted['flops']:,} FLOPs of linear products in a step, "
+                        f"expected {linear_op_flops(bc):,}")
+    record["validated"] = not problems
+    if problems:
+        record["refused"] = "; ".join(problems)
+        log(f"  REFUSED products in step {bc.name}: {record['refused']}")
+        return record
+    steps = steps_for(one, args.min_block_s)
+    if tm is not None:
+        idx_t, tg_t = torch.as_tensor(idx), torch.as_tensor(targets)
+        torch_train_step(tm, topt, idx_t, tg_t)                 # warm-up
+    for r in range(args.rounds):
+        row: Dict[str, object] = {}
+        sides = ["minilora", "pytorch"] if tm is not None else ["minilora"]
+        for side in (sides if r % 2 == 0 else sides[::-1]):
+            gc.collect()
+            if side == "minilora":
+                totals = {"seconds": 0.0, "flops": 0}
+                with timed_linear_op(totals):
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        step()
+                    row["minilora_step_s"] = (time.perf_counter() - t0) / steps
+                row["minilora_products_s"] = totals["seconds"] / steps
+                row["minilora_gflops"] = totals["flops"] / totals["seconds"] / 1e9
+            else:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                            with_flops=True) as prof:
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        torch_train_step(tm, topt, idx_t, tg_t)
+                    row["pytorch_step_s_profiled"] = (time.perf_counter() - t0) / steps
+                products = [e for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm")]
+                seconds = sum(e.self_cpu_time_total for e in products) * 1e-6
+                row["pytorch_products_s"] = seconds / steps
+                row["pytorch_gflops"] = sum(e.flops for e in products) / seconds / 1e9
+        record["rounds"].append(row)
+        log(f"        round {r}: minilora products {row['minilora_gflops']:.0f} GFLOP/s"
+            + (f", PyTorch's {row['pytorch_gflops']:.0f}" if "pytorch_gflops" in row else ""))
+    record["steps_per_round"] = steps
+    for key in ("minilora_gflops", "pytorch_gflops"):
+        values = [row[key] for row in record["rounds"] if key in row]
+        if values:
+            record[key + "_median"] = median(values)
+    return record
+
+
 # ======================================================================================
 # Targets and the Markdown report
 # ======================================================================================
@@ -1455,6 +1585,28 @@ def markdown(res: Dict[str, object]) -> str:
         for row in p["top_by_tottime"]:
             L.append(f"| `{row['function']}` | {row['ncalls']} | {row['tottime_s']:.3f} s | {row['cumtime_s']:.3f} s |")
         L.append("")
+    products = res.get("products_in_step")
+    if products:
+        L += [f"## The linear layers' products inside the training step ({products['config']} full)", ""]
+        if not products["validated"]:
+            L += [f"**REFUSED**: {products['refused']}", ""]
+        else:
+            L += ["| round | minilora step | its products | their rate | PyTorch step (profiled) | "
+                  "its products | their rate |", "|---:|---:|---:|---:|---:|---:|---:|"]
+            for r, row in enumerate(products["rounds"]):
+                cells = [_fmt(row[key] * scale if key in row else None, spec) + unit
+                         for side in ("minilora", "pytorch")
+                         for key, spec, scale, unit in (
+                             (f"{side}_step_s" + ("_profiled" if side == "pytorch" else ""), ",.1f", 1e3, " ms"),
+                             (f"{side}_products_s", ",.1f", 1e3, " ms"), (f"{side}_gflops", ".0f", 1, " GFLOP/s"))]
+                L.append(f"| {r} | " + " | ".join(cells) + " |")
+            L += ["", f"Steps per side per round: {products['steps_per_round']}, the order alternating. "
+                  "minilora's products: its linear op timed call by call (bias add and bias gradient "
+                  "included; the head's weight gradient, written in gpt.py, left out). PyTorch's: "
+                  "`aten::mm` + `aten::addmm` as torch.profiler records them, which slows the rest of "
+                  "its step: compare the rates, not the steps."
+                  + (f" PyTorch side skipped: {products['pytorch_skipped']}." if "pytorch_skipped" in products else ""),
+                  ""]
     L.append("How to read these numbers, and how they are validated: bench/README.md.")
     return "\n".join(L) + "\n"
 
@@ -1589,6 +1741,7 @@ def run(args) -> Dict[str, object]:
             target = parse_config(args.profile)
         log(f"[profile] cProfile of one minilora {target.name} full training step ...")
         res["profile"] = profile_step(target)
+        res["products_in_step"] = products_in_step(target, args)
 
     # ---- 5. GPU ------------------------------------------------------------------------
     if args.no_gpu:
@@ -1640,6 +1793,9 @@ def failures(res: Dict[str, object]) -> List[str]:
     for g in res["generation"]:
         if not g["validated"]:
             out.append(f"generation {g['device']} {g['config']['name']}: {g.get('refused')}")
+    products = res.get("products_in_step")
+    if products and not products["validated"]:
+        out.append(f"products in step {products['config']}: {products.get('refused')}")
     return out
 
 

@@ -9,6 +9,9 @@ Never a timing test: nothing here asserts on a speed. What is checked:
 - the malloc comparison (glibc defaults vs ml.keep_freed_memory()) ran both sides;
 - without PyTorch, the fallback check (float64 copy + a central difference) passes a
   correct model and catches a wrong gradient.
+- the products-in-step measurement (``--profile``) counts every linear product of the
+  step, puts minilora's linear op back afterwards, and refuses its rate when a product
+  goes unseen.
 """
 import importlib.util
 import json
@@ -162,6 +165,44 @@ def test_main_exits_nonzero_when_validation_fails(bench, tmp_path, monkeypatch):
     train_targets = [t for t in res["targets"] if t["key"] == "train_ratio"]
     assert train_targets and all(t["measured"] is None and t["status"].startswith("refused") for t in train_targets)
     assert "REFUSED" in (tmp_path / "bad.md").read_text()
+
+
+# --------------------------------------------------------------------------------------
+# The products inside the step (--profile): every product counted, or refused
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("no_torch", [False, True])
+def test_products_in_step_counts_every_linear_product(bench, no_torch):
+    if not no_torch:
+        pytest.importorskip("torch", reason="needs PyTorch, the benchmark's reference")
+    args = bench.parse_args(["--configs", MICRO] + FAST + ["--rounds", "2"] + (["--no-torch"] if no_torch else []))
+    bc = args.cpu_configs[0]
+    rec = bench.products_in_step(bc, args)
+    assert rec["validated"] is True, rec.get("refused")
+    assert len(rec["rounds"]) == 2
+    for row in rec["rounds"]:
+        assert row["minilora_gflops"] > 0 and 0 < row["minilora_products_s"] <= row["minilora_step_s"]
+        if no_torch:
+            assert "pytorch_gflops" not in row
+        else:
+            assert row["pytorch_gflops"] > 0 and 0 < row["pytorch_products_s"] <= row["pytorch_step_s_profiled"]
+    assert ("pytorch_skipped" in rec) == no_torch
+    # The wrappers are gone afterwards: the modules call minilora's own linear op again.
+    import minilora.nn as nn
+    from minilora.ops import linear
+    assert nn.linear_forward is linear.linear_forward and nn.linear_backward is linear.linear_backward
+
+
+def test_products_in_step_refuses_when_a_product_goes_unseen(bench, monkeypatch):
+    # Without gpt.py's calls wrapped, the head's products are not counted: the FLOPs do
+    # not add up to a full step's, and the rate (which would be too high) is refused.
+    monkeypatch.setattr(bench, "LINEAR_OP_CALLERS", ("minilora.nn", "minilora.lora"))
+    args = bench.parse_args(["--configs", MICRO, "--no-torch"] + FAST)
+    rec = bench.products_in_step(args.cpu_configs[0], args)
+    assert rec["validated"] is False and "FLOPs" in rec["refused"]
+    assert rec["rounds"] == []
+    assert bench.failures({"peak_matmul": [], "training": [], "inference": [], "generation": [],
+                           "products_in_step": rec})
 
 
 # --------------------------------------------------------------------------------------
