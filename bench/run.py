@@ -1284,10 +1284,11 @@ def timed_linear_op(totals: Dict[str, float]):
 
 
 def linear_op_flops(bc: BenchConfig) -> int:
-    """FLOPs of the linear op's products in one full training step: forward, dx and dW of
-    the blocks' 12 C^2 weights, and the tied head's forward and dx (its dW is gpt.py's)."""
-    tokens, C = bc.B * bc.T, bc.C
-    return 3 * 2 * tokens * bc.L * 12 * C * C + 2 * 2 * tokens * bc.V * C
+    """FLOPs of the linear op's products in one full training step: the 6N per token of
+    :func:`training_flops` (forward, dx and dW of every weight in :func:`matmul_params`)
+    less the tied head's dW, 2 V C per token, which gpt.py computes outside the op."""
+    tokens = bc.B * bc.T
+    return 6 * matmul_params(bc.gpt_config()) * tokens - 2 * bc.V * bc.C * tokens
 
 
 def products_in_step(bc: BenchConfig, args) -> Dict[str, object]:
@@ -1333,9 +1334,9 @@ def products_in_step(bc: BenchConfig, args) -> Dict[str, object]:
     if tm is not None:
         idx_t, tg_t = torch.as_tensor(idx), torch.as_tensor(targets)
         torch_train_step(tm, topt, idx_t, tg_t)                 # warm-up
+    sides = ["minilora", "pytorch"] if tm is not None else ["minilora"]
     for r in range(args.rounds):
         row: Dict[str, object] = {}
-        sides = ["minilora", "pytorch"] if tm is not None else ["minilora"]
         for side in (sides if r % 2 == 0 else sides[::-1]):
             gc.collect()
             if side == "minilora":
